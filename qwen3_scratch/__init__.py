@@ -1,0 +1,10 @@
+"""qwen3_scratch: Qwen3 built from scratch in PyTorch, exported from the course notebooks.
+
+Hand-written (not generated): the public API, gathered from the generated modules.
+"""
+from .config import Qwen3Config
+from .generate import generate, stream_generate
+from .kv_cache import KVCache
+from .model import Qwen3Model
+
+__version__ = "0.1.0"
