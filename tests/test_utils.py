@@ -1,0 +1,115 @@
+"""The shared helpers of chapter 00: figures, devices, the environment report, parameter counting."""
+import platform
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import qwen3_scratch  # noqa: E402
+from qwen3_scratch.utils import (count_parameters, default_device, device_name, env_report, figures_dir,  # noqa: E402
+                                 print_env, save_figure)
+
+
+@pytest.fixture
+def fig():
+    fig, ax = plt.subplots(figsize=(2, 1.5))
+    ax.plot([0, 1, 2], [2, 0, 1])
+    ax.set_title("test")
+    yield fig
+    plt.close(fig)
+
+
+def test_figures_dir_is_the_repo_folder():
+    repo_figures = Path(qwen3_scratch.__file__).resolve().parent.parent / "figures"
+    expected = repo_figures if repo_figures.is_dir() else Path.cwd() / "figures"
+    assert figures_dir() == expected
+
+
+def test_save_figure_writes_a_reproducible_png(fig, tmp_path):
+    path = save_figure(fig, "99_test.png", folder=tmp_path / "new_dir")  # creates missing folders
+    assert path == tmp_path / "new_dir" / "99_test.png" and path.is_file()
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert b"matplotlib" not in data, "the Software text chunk must be left out"
+    assert save_figure(fig, "99_test", folder=tmp_path / "new_dir") == path, "'.png' is added when missing"
+    assert path.read_bytes() == data, "same figure, same bytes"
+
+
+def test_save_figure_dpi_and_default_folder(fig, tmp_path, monkeypatch):
+    small = save_figure(fig, "small.png", dpi=50, folder=tmp_path)
+    big = save_figure(fig, "big.png", dpi=200, folder=tmp_path)
+    assert big.stat().st_size > small.stat().st_size
+    monkeypatch.setattr("qwen3_scratch.utils.figures_dir", lambda: tmp_path / "figs")
+    assert save_figure(fig, "default.png") == tmp_path / "figs" / "default.png"
+    assert (tmp_path / "figs" / "default.png").is_file()
+
+
+def test_default_device():
+    dev = default_device()
+    assert isinstance(dev, torch.device)
+    if torch.cuda.is_available():
+        assert dev.type == "cuda"
+    elif not torch.backends.mps.is_available():
+        assert dev.type == "cpu"
+    torch.ones(2, device=dev)  # usable
+
+
+def test_device_name():
+    name = device_name("cpu")
+    assert name.startswith("CPU (") and platform.machine() in name and f"{torch.get_num_threads()} threads" in name
+    assert device_name(torch.device("cpu")) == name
+    assert isinstance(device_name(), str) and device_name()
+    if torch.cuda.is_available():
+        assert device_name("cuda") == torch.cuda.get_device_name(0)
+
+
+def test_env_report(capsys):
+    report = env_report()
+    assert report["python"] == platform.python_version() and report["torch"] == torch.__version__
+    assert report["cuda_available"] == torch.cuda.is_available()
+    assert report["device"] == str(default_device()) and report["device_name"] == device_name()
+    assert set(report["dtypes"]) == {"float32", "bfloat16", "float16"}
+    assert report["dtypes"]["float32"] is True and all(isinstance(v, bool) for v in report["dtypes"].values())
+    assert isinstance(report["tf32_supported"], bool)
+    assert report["float32_matmul_precision"] in ("highest", "high", "medium")
+    assert env_report("cpu")["device_name"].startswith("CPU")
+    print_env()
+    out = capsys.readouterr().out
+    assert torch.__version__ in out and "float32 yes" in out
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab=10, dim=4, tie=True):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        if tie:
+            self.head.weight = self.embed.weight
+
+
+def test_count_parameters_tied_and_untied():
+    norm = 4 + 4
+    assert count_parameters(TinyLM(tie=True)) == 40 + norm
+    assert count_parameters(TinyLM(tie=True), unique=False) == 80 + norm
+    assert count_parameters(TinyLM(tie=False)) == count_parameters(TinyLM(tie=False), unique=False) == 80 + norm
+    assert count_parameters(nn.Linear(3, 5)) == 20
+
+
+def test_count_parameters_shared_storage():
+    # two distinct Parameter objects over the same memory (what a loader that ties by copying views makes)
+    model = TinyLM(tie=False)
+    model.head.weight = nn.Parameter(model.embed.weight.data)
+    assert model.head.weight is not model.embed.weight
+    assert count_parameters(model) == 40 + 8 and count_parameters(model, unique=False) == 80 + 8
+
+
+def test_count_parameters_meta_device():
+    with torch.device("meta"):
+        model = TinyLM(vocab=1000, dim=64, tie=False)
+    assert count_parameters(model) == 2 * 1000 * 64 + 2 * 64
