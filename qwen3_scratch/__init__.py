@@ -6,5 +6,6 @@ from .config import Qwen3Config
 from .generate import generate, stream_generate
 from .kv_cache import KVCache
 from .model import Qwen3Model
+from .tokenizer import Qwen3Tokenizer
 
 __version__ = "0.1.0"
