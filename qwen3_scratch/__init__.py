@@ -7,5 +7,6 @@ from .generate import generate, stream_generate
 from .kv_cache import KVCache
 from .model import Qwen3Model
 from .tokenizer import Qwen3Tokenizer
+from .weights import load_pretrained, save_pretrained
 
 __version__ = "0.1.0"
