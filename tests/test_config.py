@@ -1,0 +1,238 @@
+"""Tests for qwen3_scratch.config: presets, reading config.json in both spellings, refusals, counts on meta."""
+import json
+
+import pytest
+import torch
+
+from qwen3_scratch.config import HF_REPOS, PRESETS, Qwen3Config, preset_name
+from qwen3_scratch.model import Qwen3Model, count_params
+
+# Qwen/Qwen3-30B-A3B-Thinking-2507/config.json as released (transformers 4.51 spelling)
+RELEASED_30B_2507 = {
+    "architectures": ["Qwen3MoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "bos_token_id": 151643, "decoder_sparse_step": 1, "eos_token_id": 151645, "head_dim": 128,
+    "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 6144,
+    "max_position_embeddings": 262144, "max_window_layers": 48, "mlp_only_layers": [], "model_type": "qwen3_moe",
+    "moe_intermediate_size": 768, "norm_topk_prob": True, "num_attention_heads": 32, "num_experts": 128,
+    "num_experts_per_tok": 8, "num_hidden_layers": 48, "num_key_value_heads": 4, "output_router_logits": False,
+    "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 10000000, "router_aux_loss_coef": 0.001,
+    "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "transformers_version": "4.51.0", "use_cache": True, "use_sliding_window": False, "vocab_size": 151936,
+}
+# the same model as transformers 5 writes it: rope_parameters and num_local_experts
+TF5_30B_2507 = {k: v for k, v in RELEASED_30B_2507.items() if k not in ("rope_theta", "rope_scaling", "num_experts")}
+TF5_30B_2507.update(rope_parameters={"rope_theta": 10000000, "rope_type": "default"}, num_local_experts=128,
+                    dtype="bfloat16", transformers_version="5.7.0")
+RELEASED_0_6B = {
+    "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 1024,
+    "initializer_range": 0.02, "intermediate_size": 3072, "max_position_embeddings": 40960,
+    "max_window_layers": 28, "model_type": "qwen3", "num_attention_heads": 16, "num_hidden_layers": 28,
+    "num_key_value_heads": 8, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000,
+    "sliding_window": None, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+    "transformers_version": "4.51.0", "use_cache": True, "use_sliding_window": False, "vocab_size": 151936,
+}
+
+
+def test_0_6b_preset_numbers_and_defaults():
+    cfg = Qwen3Config.from_preset("0.6B")
+    assert (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers) == (151936, 1024, 3072, 28)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (16, 8, 128)
+    assert cfg.tie_word_embeddings and cfg.rope_theta == 1e6 and cfg.max_position_embeddings == 40960
+    assert cfg.num_experts == 0 and cfg.model_type == "qwen3"
+    assert (cfg.bos_token_id, cfg.eos_token_id) == (151643, 151645)
+    assert Qwen3Config() == cfg, "the dataclass defaults are Qwen3-0.6B"
+
+
+def test_every_released_model_has_a_preset_and_a_repo():
+    expected = {"0.6B", "1.7B", "4B", "8B", "14B", "32B", "30B-A3B", "235B-A22B", "4B-Instruct-2507",
+                "4B-Thinking-2507", "30B-A3B-Instruct-2507", "30B-A3B-Thinking-2507", "235B-A22B-Instruct-2507",
+                "235B-A22B-Thinking-2507", "Coder-30B-A3B-Instruct", "Coder-480B-A35B-Instruct"}
+    assert set(PRESETS) == expected and set(HF_REPOS) == expected
+    assert HF_REPOS["0.6B"] == "Qwen/Qwen3-0.6B"
+    assert HF_REPOS["Coder-480B-A35B-Instruct"] == "Qwen/Qwen3-Coder-480B-A35B-Instruct"
+    for name in ("4B-Instruct-2507", "30B-A3B-Thinking-2507", "235B-A22B-Instruct-2507", "Coder-30B-A3B-Instruct"):
+        assert Qwen3Config.from_preset(name).max_position_embeddings == 262_144, name
+    assert Qwen3Config.from_preset("4B-Instruct-2507").rope_theta == 5e6
+    assert Qwen3Config.from_preset("235B-A22B-Thinking-2507").rope_theta == 5e6
+    assert Qwen3Config.from_preset("Coder-480B-A35B-Instruct").num_experts == 160
+
+
+def test_preset_lookup_accepts_hub_ids_and_overrides():
+    assert preset_name("Qwen/Qwen3-8B") == preset_name("qwen3-8b") == preset_name("8B") == "8B"
+    assert Qwen3Config.from_preset("0.6B", num_hidden_layers=2).num_hidden_layers == 2
+    assert PRESETS["0.6B"]["num_hidden_layers"] == 28, "overrides must not change the preset table"
+    with pytest.raises(ValueError, match="unknown preset '7B'.*0.6B"):
+        Qwen3Config.from_preset("7B")
+
+
+def test_every_preset_builds_on_meta():
+    for name in PRESETS:
+        cfg = Qwen3Config.from_preset(name, num_hidden_layers=1)  # full width, one layer: fast
+        with torch.device("meta"):
+            model = Qwen3Model(cfg)
+        attn = model.layers[0].self_attn
+        assert attn.q_proj.weight.shape == (cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size), name
+        assert attn.k_proj.weight.shape == (cfg.num_key_value_heads * cfg.head_dim, cfg.hidden_size), name
+        assert model.embed_tokens.weight.is_meta
+        assert (model.lm_head.weight is model.embed_tokens.weight) == cfg.tie_word_embeddings, name
+        if cfg.num_experts:
+            assert len(model.layers[0].mlp.experts) == cfg.num_experts, name
+
+
+def full_counts(name):
+    """count_params of a preset. The two largest MoE models take several seconds to build in full, so here
+    they are extrapolated from 1- and 2-layer builds (every layer has the same shape); the notebook builds
+    them whole. Exact either way: total(L) = total(1) + (L - 1) * (total(2) - total(1))."""
+    cfg = Qwen3Config.from_preset(name)
+    if cfg.num_hidden_layers * cfg.num_experts < 8_000:  # all but 235B-A22B and Coder-480B-A35B
+        return count_params(cfg)
+    one, two = (count_params(Qwen3Config.from_preset(name, num_hidden_layers=n)) for n in (1, 2))
+    return {k: one[k] + (cfg.num_hidden_layers - 1) * (two[k] - one[k]) for k in one}
+
+
+def test_counts_of_every_preset():
+    counts = {name: full_counts(name) for name in PRESETS}
+    assert counts["0.6B"]["total"] == 596_049_920
+    assert counts["0.6B"]["embedding"] == 151_936 * 1024 and counts["0.6B"]["lm_head"] == 0
+    assert counts["30B-A3B"]["total"] == 30_532_122_624
+    # model cards, in billions (total, non-embedding), rounded as the cards round them
+    cards = {"0.6B": ("0.6", "0.44"), "1.7B": ("1.7", "1.4"), "4B": ("4.0", "3.6"), "8B": ("8.2", "6.95"),
+             "14B": ("14.8", "13.2"), "32B": ("32.8", "31.2"), "30B-A3B": ("30.5", "29.9"), "235B-A22B": ("235", "234")}
+    for name, card in cards.items():
+        ours = tuple(f"{counts[name][k] / 1e9:.{len(s.partition('.')[2])}f}" for k, s in zip(("total", "non_embedding"), card))
+        assert ours == card, (name, ours, card)
+    for name, active in (("30B-A3B", 3.35), ("235B-A22B", 22.2), ("Coder-480B-A35B-Instruct", 35.5)):
+        assert round(counts[name]["active"] / 1e9, 2 if active < 10 else 1) == active, (name, counts[name])
+    assert round(counts["Coder-480B-A35B-Instruct"]["total"] / 1e9) == 480
+    for name, c in counts.items():
+        dense = PRESETS[name]["model_type"] == "qwen3"
+        assert (c["active"] == c["total"]) == dense, name
+        assert c["total"] == c["embedding"] + c["lm_head"] + c["non_embedding"]
+    for sibling in ("4B-Instruct-2507", "4B-Thinking-2507"):
+        assert counts[sibling] == counts["4B"], "2507 changed context and RoPE base, not the shapes"
+    assert counts["30B-A3B-Thinking-2507"] == counts["Coder-30B-A3B-Instruct"] == counts["30B-A3B"]
+
+
+@pytest.mark.parametrize("name", ["0.6B", "30B-A3B"])
+def test_counts_equal_transformers_on_meta(name):
+    from transformers import Qwen3Config as HFConfig, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+    cfg = Qwen3Config.from_preset(name)
+    moe = cfg.model_type == "qwen3_moe"
+    with torch.device("meta"):
+        hf = (Qwen3MoeForCausalLM if moe else Qwen3ForCausalLM)((Qwen3MoeConfig if moe else HFConfig)(**cfg.to_hf()))
+    assert count_params(cfg)["total"] == sum(p.numel() for p in hf.parameters())
+
+
+def test_untying_adds_exactly_the_lm_head():
+    tied = count_params(Qwen3Config.from_preset("0.6B"))
+    untied = count_params(Qwen3Config.from_preset("0.6B", tie_word_embeddings=False))
+    assert untied["total"] - tied["total"] == 151_936 * 1024 == untied["lm_head"]
+
+
+def test_from_hf_reads_both_spellings(tmp_path):
+    expected = Qwen3Config.from_preset("30B-A3B-Thinking-2507")
+    for i, raw in enumerate((RELEASED_30B_2507, TF5_30B_2507)):
+        folder = tmp_path / str(i)
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(raw))
+        assert Qwen3Config.from_hf(folder) == expected  # the folder
+        assert Qwen3Config.from_hf(folder / "config.json") == expected  # the file
+        assert Qwen3Config.from_hf(str(folder)) == expected  # a str path
+        assert Qwen3Config.from_hf(raw) == expected  # the dict
+    assert Qwen3Config.from_hf(RELEASED_0_6B) == Qwen3Config.from_preset("0.6B")
+
+
+def test_from_hf_reads_what_transformers_saves(tmp_path):
+    from transformers import Qwen3Config as HFConfig, Qwen3MoeConfig
+    for name in ("0.6B", "235B-A22B-Instruct-2507"):
+        cfg = Qwen3Config.from_preset(name)
+        (Qwen3MoeConfig if cfg.num_experts else HFConfig)(**cfg.to_hf()).save_pretrained(tmp_path / name)
+        saved = json.loads((tmp_path / name / "config.json").read_text())
+        assert "rope_parameters" in saved and "rope_theta" not in saved, "transformers 5 spelling expected"
+        assert Qwen3Config.from_hf(tmp_path / name) == cfg, name
+
+
+def test_to_hf_round_trips_every_preset():
+    for name in PRESETS:
+        cfg = Qwen3Config.from_preset(name)
+        d = cfg.to_hf()
+        assert Qwen3Config.from_hf(json.loads(json.dumps(d))) == cfg, name
+        assert d["architectures"] == ["Qwen3MoeForCausalLM" if cfg.num_experts else "Qwen3ForCausalLM"]
+    assert "num_experts" not in Qwen3Config.from_preset("8B").to_hf(), "dense configs carry no MoE keys"
+
+
+def test_missing_keys_take_the_reference_defaults():
+    minimal = dict(model_type="qwen3", vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2)
+    cfg = Qwen3Config.from_hf(minimal)
+    assert not cfg.tie_word_embeddings and cfg.head_dim == 128 and cfg.rope_theta == 10_000.0
+    moe = Qwen3Config.from_hf(dict(minimal, model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2,
+                                   moe_intermediate_size=16, mlp_only_layers=None))
+    assert moe.head_dim == 64 // 4, "transformers' Qwen3-MoE falls back to hidden_size // num_attention_heads"
+    assert moe.mlp_only_layers == [] and not moe.norm_topk_prob
+
+
+def test_refuses_other_model_types_naming_type_and_file(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(dict(RELEASED_0_6B, model_type="qwen3_next")))
+    with pytest.raises(ValueError, match=r"config\.json: model_type 'qwen3_next' is not supported"):
+        Qwen3Config.from_hf(tmp_path)
+    with pytest.raises(ValueError, match="model_type 'llama'"):
+        Qwen3Config.from_hf(dict(RELEASED_0_6B, model_type="llama"))
+    with pytest.raises(ValueError, match="model_type None"):
+        Qwen3Config.from_hf({k: v for k, v in RELEASED_0_6B.items() if k != "model_type"})
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 262144}},
+    {"rope_scaling": {"type": "yarn", "factor": 4.0}},
+    {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e7, "factor": 4.0}},
+])
+def test_refuses_rope_scaling_by_name(rope):
+    with pytest.raises(ValueError, match="rope scaling 'yarn' is not implemented"):
+        Qwen3Config.from_hf(dict(RELEASED_30B_2507, **rope))
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"num_key_value_heads": 5}, r"num_attention_heads \(32\) must be a multiple of num_key_value_heads \(5\)"),
+    ({"num_key_value_heads": 0}, "num_key_value_heads must be a positive integer"),
+    ({"head_dim": 127}, "head_dim must be even"),
+    ({"hidden_size": 0}, "hidden_size must be a positive integer"),
+    ({"num_hidden_layers": -1}, "num_hidden_layers must be a positive integer"),
+    ({"vocab_size": 1.5}, "vocab_size must be a positive integer"),
+    ({"rope_theta": 0}, "rope_theta must be positive"),
+    ({"num_experts_per_tok": 129}, r"num_experts_per_tok \(129\) must be between 1 and num_experts \(128\)"),
+    ({"moe_intermediate_size": 0}, "moe_intermediate_size must be positive"),
+    ({"decoder_sparse_step": 0}, "decoder_sparse_step must be a positive integer"),
+    ({"mlp_only_layers": [0, 48]}, r"mlp_only_layers \[48\]"),
+    ({"use_sliding_window": True}, "use_sliding_window"),
+    ({"attention_bias": True}, "attention_bias"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+])
+def test_refuses_impossible_values_naming_the_key(change, match, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(dict(RELEASED_30B_2507, **change)))
+    with pytest.raises(ValueError, match=match):
+        Qwen3Config.from_hf(tmp_path)
+
+
+def test_refuses_missing_required_keys():
+    with pytest.raises(ValueError, match="missing key.*num_experts_per_tok"):
+        Qwen3Config.from_hf({k: v for k, v in RELEASED_30B_2507.items() if k != "num_experts_per_tok"})
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        Qwen3Config.from_hf("/nonexistent/folder")
+
+
+def test_direct_construction_is_checked_too():
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        Qwen3Config(num_key_value_heads=3)
+    with pytest.raises(ValueError, match="model_type"):
+        Qwen3Config(model_type="llama")
+    assert Qwen3Config(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8).model_type == "qwen3_moe"
+
+
+def test_moe_layer_rule():
+    cfg = Qwen3Config(num_hidden_layers=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
+                      decoder_sparse_step=2, mlp_only_layers=[5])
+    assert [i for i in range(8) if cfg.is_moe_layer(i)] == [1, 3, 7]
+    assert not any(Qwen3Config().is_moe_layer(i) for i in range(28))
