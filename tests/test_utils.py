@@ -24,9 +24,10 @@ def fig():
     plt.close(fig)
 
 
-def test_figures_dir_is_the_repo_folder():
+def test_figures_dir_is_the_repo_folder(tmp_path, monkeypatch):
     repo_figures = Path(qwen3_scratch.__file__).resolve().parent.parent / "figures"
-    expected = repo_figures if repo_figures.is_dir() else Path.cwd() / "figures"
+    monkeypatch.chdir(tmp_path)  # from any working directory, a checkout's figures/ is found
+    expected = repo_figures if repo_figures.is_dir() else tmp_path / "figures"
     assert figures_dir() == expected
 
 
