@@ -133,6 +133,7 @@ def _check_messages(messages) -> None:
             raise ValueError(f"message {i} ({role}): only assistant messages can carry tool_calls")
 
 
+# %% notebooks/01_tokenizer.ipynb cell 37
 def _tool_call_text(call, i: int) -> str:
     fn = (call.get("function") or call) if isinstance(call, Mapping) else None  # OpenAI style nests under 'function'
     if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str) or "arguments" not in fn:
@@ -153,7 +154,7 @@ def _tools_header(tools, system: str | None) -> str:
             + "<args-json-object>}\n</tool_call><|im_end|>\n")
 
 
-# %% notebooks/01_tokenizer.ipynb cell 37
+# %% notebooks/01_tokenizer.ipynb cell 39
 def render_chat(messages, add_generation_prompt: bool = True, enable_thinking: bool = True, tools=None) -> str:
     """Qwen3's chat template (the Jinja in tokenizer_config.json) in plain Python: each turn is
     `<|im_start|>role\\n...<|im_end|>\\n`; assistant turns before the last user query lose their reasoning."""
@@ -203,7 +204,7 @@ def render_chat(messages, add_generation_prompt: bool = True, enable_thinking: b
     return "".join(out)
 
 
-# %% notebooks/01_tokenizer.ipynb cell 52
+# %% notebooks/01_tokenizer.ipynb cell 54
 class StreamDecoder:
     """Token ids in, one at a time; printable text out, as soon as it is complete. A character can be split
     across tokens (CJK characters are 3 UTF-8 bytes, emoji 4), so the bytes go through an incremental UTF-8
