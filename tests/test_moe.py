@@ -20,7 +20,7 @@ def hf_block(norm, seed=0):
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
     torch.manual_seed(seed)
     cfg = Qwen3MoeConfig(hidden_size=D, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=A,
-                         norm_topk_prob=norm)
+                         norm_topk_prob=norm, experts_implementation="eager")
     block = Qwen3MoeSparseMoeBlock(cfg).eval()
     with torch.no_grad():
         for p in block.parameters():
