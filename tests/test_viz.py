@@ -88,12 +88,20 @@ def test_head_similarity_and_group_contrast():
     assert group_contrast(torch.stack([a, b, a, b]), num_kv_heads=2) == pytest.approx((s - 1) / 2, abs=1e-6)
 
 
+def test_entropy_with_cached_keys():
+    # 2 new queries after 3 cached tokens: they see 4 and 5 keys (S - T + 1 .. S), not 1 and 2
+    T, S = 2, 5
+    uniform = torch.zeros(T, S)
+    uniform[0, :4], uniform[1, :] = 1 / 4, 1 / 5
+    # only query 1 counts (query 0 is skipped, as without a cache); its entropy is log 5 -> normalized 1
+    assert attention_entropy(uniform).item() == pytest.approx(1.0, abs=1e-6)
+    assert attention_entropy(uniform, normalized=False).item() == pytest.approx(torch.tensor(5.0).log().item())
+
+
 def test_explorer_falls_back_to_static_plot(pair, monkeypatch):
-    from qwen3_scratch.tokenizer import Qwen3Tokenizer
     _, ours = pair
     small_vocab = type("Tok", (), {"encode": staticmethod(lambda s: [ord(c) % 256 for c in s]),
                                    "decode": staticmethod(lambda ids: "".join(chr(i) for i in ids))})
     monkeypatch.setenv("CI", "true")
     fig = attention_explorer(ours, small_vocab, "hello world")
     assert len(fig.axes) == 4  # one panel per head of the middle layer
-    assert Qwen3Tokenizer  # the notebook's real tokenizer is importable too
