@@ -1,0 +1,119 @@
+"""Chapter 11's benchmark module: the KV-bytes formula, measured == computed, the roofline arithmetic, porting
+weights to transformers, and the results writer behind `python -m qwen3_scratch.bench`. No timed assertions."""
+import csv
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from hf_ref import tiny_kwargs
+from qwen3_scratch.bench import (CSV_FIELDS, attention_variants, bench_config, cache_vs_nocache, decode_latency,
+                                 kv_bytes_per_token, kv_cache_bytes, main, measure_kv_cache_bytes, random_model,
+                                 roofline_seconds, to_transformers, weight_bytes_per_token)
+from qwen3_scratch.config import Qwen3Config
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # steadier on a shared CPU; no assertion depends on speed
+    yield
+    torch.set_num_threads(n)
+
+
+def test_kv_bytes_formula_at_qwen3_06b():
+    v = attention_variants(Qwen3Config.from_preset("0.6B"))
+    assert {n: c.num_key_value_heads for n, c in v.items()} == {"MHA": 16, "GQA": 8, "MQA": 1}
+    assert kv_bytes_per_token(v["GQA"], torch.bfloat16) == 2 * 28 * 8 * 128 * 2 == 114_688
+    assert kv_bytes_per_token(v["MHA"], torch.bfloat16) == 229_376
+    assert kv_bytes_per_token(v["MQA"], torch.bfloat16) == 14_336
+    assert kv_bytes_per_token(v["GQA"], torch.float32) == 2 * 114_688
+    assert kv_cache_bytes(v["GQA"], 32768) == 114_688 * 32768
+    assert kv_cache_bytes(v["GQA"], 1024, batch_size=4) == 4 * 1024 * 114_688
+
+
+def test_variants_change_only_the_kv_heads():
+    cfg = bench_config(small=True)
+    for c in attention_variants(cfg).values():
+        same = {f.name: getattr(c, f.name) for f in dataclasses.fields(c) if f.name != "num_key_value_heads"}
+        assert same == {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "num_key_value_heads"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_measured_cpu_bytes_equal_computed(dtype):
+    for c in attention_variants(bench_config(small=True)).values():
+        for ctx in (1, 100, 1024):
+            assert measure_kv_cache_bytes(c, ctx, dtype, "cpu") == kv_cache_bytes(c, ctx, dtype=dtype)
+
+
+def test_weight_bytes_count_a_tied_embedding_once_and_skip_an_untied_one():
+    tied = random_model(Qwen3Config(**tiny_kwargs()))
+    n_tied = sum(p.numel() for p in tied.parameters())
+    assert weight_bytes_per_token(tied) == 4 * n_tied
+    assert tied.lm_head.weight is tied.embed_tokens.weight, "tiny_kwargs ties the embedding"
+    untied = random_model(Qwen3Config(**tiny_kwargs(tie_word_embeddings=False)))
+    emb = untied.embed_tokens.weight.numel()
+    assert weight_bytes_per_token(untied) == 4 * (sum(p.numel() for p in untied.parameters()) - emb)
+    assert roofline_seconds(3e9, 1e9, 2e12) == pytest.approx(2e-3)
+
+
+def test_random_model_keeps_rope_frequencies_in_fp32():
+    m = random_model(Qwen3Config(**tiny_kwargs()), dtype=torch.bfloat16)
+    assert m.lm_head.weight.dtype == torch.bfloat16
+    assert m.rotary.inv_freq.dtype == torch.float32
+
+
+def test_to_transformers_gives_the_same_logits():
+    model = random_model(Qwen3Config(**tiny_kwargs()))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    hf = to_transformers(model)
+    ids = torch.randint(0, 256, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="dense"):
+        to_transformers(random_model(Qwen3Config(**tiny_kwargs(moe=True))))
+
+
+def test_decode_latency_and_cache_vs_nocache_shapes():
+    model = random_model(Qwen3Config(**tiny_kwargs()))
+    lat = decode_latency(model, (4, 16), warmup=1, repeats=3)
+    assert list(lat) == [4, 16] and all(s > 0 for s in lat.values())
+    cvn = cache_vs_nocache(model, prompt_len=5, max_new_tokens=6, repeats=2)
+    assert len(cvn["cache"]) == len(cvn["no_cache"]) == 6
+    assert cvn["total_cache"] == pytest.approx(sum(cvn["cache"]))
+    assert cvn["speedup"] == pytest.approx(cvn["total_no_cache"] / cvn["total_cache"])
+
+
+def test_main_writes_json_csv_and_figures(tmp_path):
+    figs = tmp_path / "figs"
+    res = main(["--quick", "--device", "cpu", "--compile", "off", "--out", str(tmp_path), "--figures", str(figs)])
+    data = json.loads((tmp_path / "bench_cpu.json").read_text())
+    meta = data["meta"]
+    for key in ("device", "device_name", "dtype", "torch", "config", "shapes", "weights", "settings"):
+        assert key in meta, f"meta lacks {key}"
+    assert meta["device"] == "cpu" and meta["dtype"] == "float32" and meta["device_name"].startswith("CPU")
+    rows = data["rows"]
+    assert len(rows) == len(res["rows"])
+    kinds = {(r["experiment"], r["metric"]) for r in rows}
+    for needed in [("kv_bytes", "bytes_per_token"), ("kv_bytes", "measured"), ("decode_latency", "seconds_per_token"),
+                   ("decode_latency", "roofline_fraction"), ("cache_vs_nocache", "speedup"),
+                   ("bandwidth", "copy_bandwidth"), ("fast_path", "tokens_per_second"),
+                   ("fast_path", "speedup_vs_plain"), ("fast_path", "speedup_vs_best_transformers")]:
+        assert needed in kinds, f"no {needed} row"
+    measured = {(r["variant"], r["context"]): r["value"] for r in rows if r["metric"] == "measured"}
+    computed = {(r["variant"], r["context"]): r["value"] for r in rows if r["metric"] == "computed"}
+    assert measured == computed and len(measured) == 3 * 2
+    per_token = {r["variant"]: r["value"] for r in rows
+                 if r["metric"] == "bytes_per_token" and r["shape"].startswith("Qwen3-0.6B")}
+    assert per_token == {"MHA": 229_376, "GQA": 114_688, "MQA": 14_336}
+    same = [r["value"] for r in rows if r["metric"] == "same_tokens_as_plain"]
+    assert same and all(v == 1 for v in same), "every generate path should give plain greedy's tokens (fp32)"
+    with (tmp_path / "bench_cpu.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == CSV_FIELDS and len(table) == len(rows)
+    assert {t["device_name"] for t in table} == {meta["device_name"]} and {t["torch"] for t in table} == {torch.__version__}
+    assert sorted(p.name for p in figs.iterdir()) == sorted(
+        f"11_{n}.png" for n in ("kv_bytes", "decode_latency", "cache_vs_nocache", "roofline", "fast_path"))
