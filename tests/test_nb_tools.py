@@ -85,3 +85,17 @@ def test_errors_name_the_notebook(tree):
     write(tree, "03_c.ipynb", _nb(("code", "#| default_exp b\n#| export\nY = 1\n")))
     with pytest.raises(SystemExit, match="exported from both"):
         nbtool.collect()
+
+
+def test_future_imports_are_hoisted_above_all(tree):
+    write(tree, "07_m.ipynb", _nb(
+        ("code", '#| default_exp m\n#| export\n"""Doc."""\nfrom __future__ import annotations\nimport json\n'),
+        ("code", "#| export\nfrom __future__ import annotations\ndef f(x: Later) -> int:\n    return 1\n"),
+    ))
+    nbtool.main(["export"])
+    text = (tree / "pkg" / "m.py").read_text()
+    assert text.count("from __future__ import annotations") == 1
+    assert text.index("from __future__") < text.index("__all__") < text.index("import json")
+    ns = {}
+    exec(compile(text, "m.py", "exec"), ns)  # would be a SyntaxError if the import came after __all__
+    assert ns["__doc__"] == "Doc." and ns["f"](0) == 1
