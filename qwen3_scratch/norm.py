@@ -3,17 +3,18 @@
 """RMSNorm, the only normalization in Qwen3: before attention and the MLP, on every q and k head (QK-norm),
 and before the LM head. No mean subtraction, no bias; computed in float32 and cast back *before* the learned
 scale, as the released checkpoints expect. Reference: Zhang & Sennrich, "Root Mean Square Layer
-Normalization" (2019); transformers' Qwen3RMSNorm."""
+Normalization" (2019); transformers' Qwen3RMSNorm. Shapes: (..., D) -> (..., D), D the hidden size, or head_dim
+Dh for QK-norm (applied to (B, T, H, Dh) heads)."""
 
 __all__ = ['RMSNorm']
 
 
-# %% notebooks/02_rmsnorm.ipynb cell 26
+# %% notebooks/02_rmsnorm.ipynb cell 28
 import torch
 from torch import nn
 
 
-# %% notebooks/02_rmsnorm.ipynb cell 28
+# %% notebooks/02_rmsnorm.ipynb cell 30
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x²) + eps) * weight over the last dimension. `weight` (dim,) starts at ones; no bias."""
 
