@@ -3,7 +3,8 @@
 """Rotary position embeddings (RoPE) as in Qwen3: rotate 2-D pairs of every q and k head by position × frequency,
 frequencies theta^(-2i/Dh) with theta = 1e6, pairs laid out as split halves (i, i + Dh/2), applied via rotate_half.
 The interleaved-pairs variant is here for teaching only: no released Qwen3 checkpoint uses it.
-References: Su et al., "RoFormer" (2021); transformers' Qwen3RotaryEmbedding and apply_rotary_pos_emb."""
+References: Su et al., "RoFormer" (2021); transformers' Qwen3RotaryEmbedding and apply_rotary_pos_emb.
+Shapes: B batch, T tokens, H heads (query or key/value: RoPE treats them alike), Dh head_dim."""
 
 __all__ = ['rope_inv_freq', 'RotaryEmbedding', 'rotate_half', 'apply_rope', 'apply_rope_interleaved', 'interleaved_to_halves']
 
