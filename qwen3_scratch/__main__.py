@@ -1,0 +1,3 @@
+from qwen3_scratch.cli import main
+
+raise SystemExit(main())

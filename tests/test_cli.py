@@ -1,0 +1,150 @@
+"""Tests for qwen3_scratch.cli: `generate` and `chat` run in-process on a tiny random checkpoint (with Qwen3's
+full vocabulary, so the real tokenizer fits), piped stdin drives the chat, and errors are one line on stderr."""
+import io
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qwen3_scratch.cli import main
+from qwen3_scratch.config import Qwen3Config
+from qwen3_scratch.generate import ChatSession, generate, print_stream
+from qwen3_scratch.model import Qwen3Model
+from qwen3_scratch.tokenizer import Qwen3Tokenizer
+from qwen3_scratch.weights import save_pretrained
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Qwen3Tokenizer()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=151_936, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=512)
+    model = Qwen3Model(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    folder = tmp_path_factory.mktemp("tiny_qwen3")
+    save_pretrained(model, folder)
+    return str(folder), model
+
+
+def run(argv, stdin=""):
+    out, err = io.StringIO(), io.StringIO()
+    status = main(argv, stdin=io.StringIO(stdin), stdout=out, stderr=err)
+    return status, out.getvalue(), err.getvalue()
+
+
+def expected_text(tok, model, text, n, **kw):
+    prompt = torch.tensor([tok.encode(text)])
+    new = generate(model, prompt, n, eos_token_id=tok.stop_token_ids, **kw)[0, prompt.shape[1]:].tolist()
+    return tok.decode([t for t in new if t not in tok.stop_token_ids])
+
+
+def test_generate_prints_the_greedy_continuation(checkpoint, tok):
+    folder, model = checkpoint
+    status, out, err = run(["generate", "--model", folder, "--prompt", "Once upon a time", "--max-new-tokens", "12"])
+    assert status == 0, err
+    assert out == expected_text(tok, model, "Once upon a time", 12) + "\n"
+    assert len(out.strip()) > 0
+
+
+def test_generate_chat_wraps_the_prompt_in_the_template(checkpoint, tok):
+    folder, model = checkpoint
+    status, out, err = run(["generate", "--model", folder, "--prompt", "Hi!", "--chat", "--no-think",
+                            "--temperature", "0", "--max-new-tokens", "6"])
+    assert status == 0, err
+    templated = tok.apply_chat_template([{"role": "user", "content": "Hi!"}], enable_thinking=False)
+    assert out == expected_text(tok, model, templated, 6) + "\n"
+
+
+def test_generate_seed_makes_sampling_reproducible(checkpoint):
+    folder, _ = checkpoint
+    argv = ["generate", "--model", folder, "--prompt", "Hello", "--max-new-tokens", "8", "--temperature", "1.0",
+            "--top-k", "1000"]
+    a, b, c = run(argv + ["--seed", "3"]), run(argv + ["--seed", "3"]), run(argv + ["--seed", "4"])
+    assert a[0] == 0 and a == b, "same seed, same text"
+    assert a[1] != c[1], "another seed, other text"
+
+
+def test_generate_reads_the_prompt_from_stdin(checkpoint, tok):
+    folder, model = checkpoint
+    status, out, _ = run(["generate", "--model", folder, "--prompt", "-", "--max-new-tokens", "5"], stdin="Paris is")
+    assert status == 0 and out == expected_text(tok, model, "Paris is", 5) + "\n"
+
+
+def test_chat_with_piped_stdin(checkpoint, tok):
+    folder, model = checkpoint
+    status, out, err = run(["chat", "--model", folder, "--max-new-tokens", "4", "--temperature", "0"],
+                           stdin="hello\n/think\nhello again\n/reset\n/nope\n/exit\nnever read\n")
+    assert status == 0, err
+    assert "thinking on" in out.splitlines()[0]
+    # the same conversation through ChatSession: turn 2 sees turn 1, with thinking switched off
+    session, expected = ChatSession(model, tok, max_new_tokens=4, temperature=0), io.StringIO()
+    print_stream(session.stream("hello"), file=expected)
+    expected.write("[thinking off]\n")
+    session.enable_thinking = False
+    print_stream(session.stream("hello again"), file=expected)
+    assert all(m["content"] for m in session.messages), "the replies are not empty"
+    expected.write("[conversation cleared]\n")
+    assert out.split("\n", 1)[1].startswith(expected.getvalue())
+    assert out.rstrip().endswith("[unknown command /nope; commands: /think (thinking on/off), /reset (forget the "
+                                 "conversation), /exit (or Ctrl-D)]"), "nothing after /exit is read"
+
+
+def test_chat_ends_at_end_of_input(checkpoint):
+    folder, _ = checkpoint
+    status, out, err = run(["chat", "--model", folder, "--max-new-tokens", "3", "--no-think", "--system", "Be brief."],
+                           stdin="hi\n\n")
+    assert status == 0 and "thinking off" in out.splitlines()[0] and err == ""
+
+
+def test_missing_model_dir_is_one_line_on_stderr(tmp_path):
+    status, out, err = run(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"])
+    assert status == 1 and out == ""
+    assert err.startswith("error:") and err.count("\n") == 1 and "nope" in err and "Traceback" not in err
+
+
+def test_offline_repo_id_is_one_line_on_stderr(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache: nothing to find offline
+    status, _, err = run(["chat", "--model", "Qwen/Qwen3-0.6B"])
+    assert status == 1 and err.startswith("error:") and err.count("\n") == 1
+    assert "Qwen/Qwen3-0.6B" in err and "Traceback" not in err
+
+
+def test_folder_without_weights_is_one_line(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    status, _, err = run(["generate", "--model", str(tmp_path), "--prompt", "x"])
+    assert status == 1 and err.startswith("error:") and err.count("\n") == 1
+
+
+def test_usage_errors(checkpoint, capsys):
+    folder, _ = checkpoint
+    assert run([])[0] == 2
+    assert main(["generate", "--model", folder]) == 2  # --prompt missing: argparse explains
+    assert "--prompt" in capsys.readouterr().err
+    status, _, err = run(["generate", "--model", folder, "--prompt", "x", "--max-new-tokens", "0"])
+    assert status == 2 and "--max-new-tokens" in err
+    status, _, err = run(["generate", "--model", folder, "--prompt", "x", "--max-new-tokens", "600"])
+    assert status == 1 and "max_position_embeddings=512" in err
+    status, _, err = run(["generate", "--model", folder, "--prompt", "x", "--temperature", "1", "--top-p", "0"])
+    assert status == 1 and "top_p" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
+def test_cuda_device_without_gpu(checkpoint):
+    status, _, err = run(["generate", "--model", checkpoint[0], "--prompt", "x", "--device", "cuda"])
+    assert status == 1 and "CUDA" in err
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "qwen3_scratch", "generate", "--model", str(tmp_path / "missing"),
+                           "--prompt", "x"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.startswith("error:") and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
