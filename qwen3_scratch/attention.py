@@ -27,7 +27,7 @@ def causal_mask(T: int, S: int | None = None, device=None) -> torch.Tensor:
     return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)  # (T, S)
 
 
-# %% notebooks/04_attention.ipynb cell 26
+# %% notebooks/04_attention.ipynb cell 29
 def attention_eager(q, k, v, mask=None):
     """Readable grouped-query attention; the softmax runs in fp32.
     q (B, H, T, Dh); k, v (B, K, S, Dh), H a multiple of K: query head h reads kv head h // (H // K).
@@ -55,7 +55,7 @@ def attention_eager(q, k, v, mask=None):
     return out.view(B, H, T, Dh), probs.view(B, H, T, S)
 
 
-# %% notebooks/04_attention.ipynb cell 39
+# %% notebooks/04_attention.ipynb cell 44
 class Qwen3Attention(nn.Module):
     """One Qwen3 self-attention layer: q/k/v projections, per-head QK-norm, RoPE, (cached) grouped-query
     attention, output projection. x (B, T, D) -> (B, T, D). Names match the checkpoints."""
