@@ -3,7 +3,7 @@
 Hand-written (not generated): the public API, gathered from the generated modules.
 """
 from .config import Qwen3Config
-from .generate import generate, stream_generate
+from .generate import ChatSession, chat, generate, stream_generate
 from .kv_cache import KVCache
 from .model import Qwen3Model
 from .tokenizer import Qwen3Tokenizer
