@@ -8,7 +8,7 @@ Reference: the safetensors format (github.com/huggingface/safetensors) and the H
 __all__ = ['CheckpointError', 'read_safetensors_header', 'checkpoint_files', 'checkpoint_name', 'expected_tensors', 'check_tensors', 'choose_dtype', 'load_state_dict_strict', 'HUB_PATTERNS', 'SOURCES', 'preset_repo_id', 'resolve_checkpoint', 'read_config', 'load_pretrained', 'save_pretrained']
 
 
-# %% notebooks/08_weights.ipynb cell 11
+# %% notebooks/08_weights.ipynb cell 14
 import json
 import math
 import os
@@ -19,12 +19,12 @@ from pathlib import Path
 import safetensors
 import torch
 
-from qwen3_scratch.config import Qwen3Config
+from qwen3_scratch.config import HF_REPOS, Qwen3Config
 from qwen3_scratch.model import Qwen3Model
 from qwen3_scratch.rope import RotaryEmbedding, rope_inv_freq
 
 
-# %% notebooks/08_weights.ipynb cell 12
+# %% notebooks/08_weights.ipynb cell 15
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded as it is: broken files, or tensors that do not fit the model."""
 
@@ -39,9 +39,10 @@ _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # what a weight of ours may be st
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
 
 
+# %% notebooks/08_weights.ipynb cell 17
 def read_safetensors_header(path) -> dict:
     """The JSON header of a .safetensors file ({name: {dtype, shape, data_offsets}, "__metadata__": {...}}),
-    checked against the file's size so that a truncated or corrupt file is named before anything is read."""
+    checked against the file so that a truncated or corrupt file is named before any tensor is read."""
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -58,32 +59,49 @@ def read_safetensors_header(path) -> dict:
             raise CheckpointError(f"{path}: corrupt safetensors header ({e}); re-download it") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
-    body, end_max = size - 8 - n, 0
+    spans = []  # (begin, end, name) of every tensor, in bytes from the start of the data area
     for name, info in header.items():
         if name == "__metadata__":
             continue
         try:
             itemsize = _ST_DTYPES[info["dtype"]][0]
             begin, end = info["data_offsets"]
-            ok = end - begin == math.prod(info["shape"]) * itemsize
+            shape = info["shape"]
+            ok = (all(isinstance(v, int) and v >= 0 for v in (*shape, begin, end)) and begin <= end
+                  and end - begin == math.prod(shape) * itemsize)
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:
             raise CheckpointError(f"{path}: corrupt safetensors header entry for {name!r}: {info}")
-        end_max = max(end_max, end)
-    if end_max > body:
-        raise CheckpointError(f"{path}: truncated file: the header describes {end_max:,} bytes of tensor data but "
+        spans.append((begin, end, name))
+    body, pos = size - 8 - n, 0  # pos: where the next tensor must start
+    for begin, end, name in sorted(spans):
+        if begin != pos:
+            what = "overlaps the tensor before it" if begin < pos else "leaves a gap before it"
+            raise CheckpointError(f"{path}: corrupt safetensors header: {name!r} starts at data byte {begin:,}, "
+                                  f"expected {pos:,} ({what})")
+        pos = end
+    if pos > body:
+        raise CheckpointError(f"{path}: truncated file: the header describes {pos:,} bytes of tensor data but "
                               f"only {body:,} are there; re-download it")
-    if end_max < body:
-        raise CheckpointError(f"{path}: corrupt file: {body - end_max:,} bytes after the last tensor")
+    if pos < body:
+        raise CheckpointError(f"{path}: corrupt file: {body - pos:,} bytes after the last tensor")
     return header
 
 
-# %% notebooks/08_weights.ipynb cell 16
+# %% notebooks/08_weights.ipynb cell 22
 INDEX_NAME, SINGLE_NAME = "model.safetensors.index.json", "model.safetensors"
 _PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "consolidated.pth")
 
 
+def _names(names, limit=8) -> str:
+    """'a, b, c, ... (N more)': error messages list every culprit, up to a readable limit."""
+    names = list(names)
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+# %% notebooks/08_weights.ipynb cell 23
 def checkpoint_files(directory) -> dict[str, Path]:
     """{checkpoint tensor name: the .safetensors file holding it}, from model.safetensors.index.json
     (sharded) or model.safetensors (single file). Checks that index and shards agree."""
@@ -120,13 +138,7 @@ def checkpoint_files(directory) -> dict[str, Path]:
     raise CheckpointError(f"{directory}: no {SINGLE_NAME} or {INDEX_NAME} (found: {', '.join(found) or 'nothing'})")
 
 
-def _names(names, limit=8) -> str:
-    names = list(names)
-    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
-
-
-# %% notebooks/08_weights.ipynb cell 19
+# %% notebooks/08_weights.ipynb cell 26
 def checkpoint_name(param_name: str) -> str:
     """Our parameter name -> the checkpoint's: 'layers.0.mlp.gate.weight' -> 'model.layers.0.mlp.gate.weight'."""
     return param_name if param_name.startswith("lm_head.") else "model." + param_name
@@ -140,24 +152,27 @@ def expected_tensors(model: torch.nn.Module) -> dict[str, tuple]:
             if not (tied and k == "lm_head.weight")}
 
 
-# %% notebooks/08_weights.ipynb cell 23
+# %% notebooks/08_weights.ipynb cell 30
 def check_tensors(expected: dict, found: dict, where="checkpoint") -> None:
-    """Compare {name: shape} wanted by the model with {name: (safetensors dtype, shape)} stored in the files;
-    raise one CheckpointError naming every unexpected, missing, mis-shaped or non-float tensor."""
-    unexpected = [n for n in found if n not in expected]
+    """Compare {name: shape} wanted by the model with {name: (safetensors dtype, shape[, file])} stored in the
+    files; raise one CheckpointError naming every unexpected, missing, mis-shaped or unsupported-dtype tensor
+    (with the file holding it, when `found` says)."""
+    def at(n):  # " (in model-00002-of-00004.safetensors)" when found[n] names its file
+        return f" (in {Path(found[n][2]).name})" if len(found[n]) > 2 else ""
+    unexpected = [n + at(n) for n in found if n not in expected]
     missing = [n for n in expected if n not in found]
-    shapes = [f"{n}: checkpoint {tuple(found[n][1])} vs model {tuple(expected[n])}"
+    shapes = [f"{n}{at(n)}: checkpoint {tuple(found[n][1])} vs model {tuple(expected[n])}"
               for n in expected if n in found and tuple(found[n][1]) != tuple(expected[n])]
-    dtypes = [f"{n}: {found[n][0]}" for n in expected if n in found and found[n][0] not in _FLOAT_DTYPES]
+    dtypes = [f"{n}{at(n)}: {found[n][0]}" for n in expected if n in found and found[n][0] not in _FLOAT_DTYPES]
     problems = [(label, items) for label, items in (
         ("unexpected tensors (not in the model)", unexpected), ("missing tensors (not in the checkpoint)", missing),
-        ("shape mismatch", shapes), ("not a floating-point dtype", dtypes)) if items]
+        ("shape mismatch", shapes), (f"unsupported dtype (want {', '.join(_FLOAT_DTYPES)})", dtypes)) if items]
     if problems:
         raise CheckpointError(f"{where} does not match the model:\n" + "\n".join(
             f"  {label} ({len(items)}): {_names(items)}" for label, items in problems))
 
 
-# %% notebooks/08_weights.ipynb cell 29
+# %% notebooks/08_weights.ipynb cell 36
 _DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                 "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -173,6 +188,7 @@ def _as_dtype(dtype, what="dtype") -> torch.dtype:
     return _DTYPE_NAMES[key]
 
 
+# %% notebooks/08_weights.ipynb cell 38
 def choose_dtype(dtype, device, config: dict, found: dict | None = None) -> torch.dtype:
     """The dtype to load into. Asked for: that. "auto" or on CUDA: the checkpoint's (config.json's
     torch_dtype/dtype, else the stored tensors'). Otherwise float32 (CPUs are slow and imprecise in bf16)."""
@@ -187,7 +203,23 @@ def choose_dtype(dtype, device, config: dict, found: dict | None = None) -> torc
     return torch.float32
 
 
-# %% notebooks/08_weights.ipynb cell 32
+# %% notebooks/08_weights.ipynb cell 41
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _same_as_embedding(path, embedding: torch.Tensor, rows: int = 8192) -> bool:
+    """Does the lm_head.weight stored in `path` equal `embedding` (V, D)? Compared `rows` rows at a time from
+    the memory-mapped file, so the redundant copy is never materialized whole."""
+    with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
+        stored = f.get_slice("lm_head.weight")
+        for i in range(0, embedding.shape[0], rows):
+            block = stored[i:i + rows].to(device=embedding.device, dtype=embedding.dtype)  # (rows, D)
+            if not torch.equal(block, embedding[i:i + rows]):
+                return False
+    return True
+
+
 def _materialize_buffers(model: torch.nn.Module, device) -> None:
     """Non-persistent buffers are not in checkpoints: compute them on the target device (kept in fp32)."""
     for module in model.modules():
@@ -198,19 +230,22 @@ def _materialize_buffers(model: torch.nn.Module, device) -> None:
         raise CheckpointError(f"still on the meta device after loading: {_names(left)}")
 
 
+# %% notebooks/08_weights.ipynb cell 43
 def load_state_dict_strict(model: Qwen3Model, directory, dtype=None, device=None) -> Qwen3Model:
     """Fill `model` (ideally built on the meta device) from the checkpoint in `directory`, strictly: every stored
     tensor is used, every parameter is filled with the right shape, checked from the headers before loading.
     Tensors go straight to `device` in `dtype` (see choose_dtype), one at a time. Returns the model."""
     directory = Path(directory)
     files = checkpoint_files(directory)
-    found = {}
-    for path in sorted(set(files.values())):
+    shards = sorted(set(files.values()))
+    found = {}  # name -> (stored dtype, shape), plus the shard's path when there are several, for the messages
+    for path in shards:
         header = read_safetensors_header(path)
-        found.update({n: (header[n]["dtype"], header[n]["shape"]) for n, p in files.items() if p == path})
+        found.update({n: (header[n]["dtype"], header[n]["shape"]) + ((path,) if len(shards) > 1 else ())
+                      for n, p in files.items() if p == path})
     expected = expected_tensors(model)
     tied = model.lm_head.weight is model.embed_tokens.weight
-    redundant_head = tied and "lm_head.weight" in found  # some tied checkpoints store the shared matrix twice
+    redundant_head = tied and "lm_head.weight" in found  # a tied checkpoint that stores the shared matrix twice
     if redundant_head:
         expected["lm_head.weight"] = tuple(model.lm_head.weight.shape)
     check_tensors(expected, found, where=str(directory))
@@ -221,48 +256,40 @@ def load_state_dict_strict(model: Qwen3Model, directory, dtype=None, device=None
         device = torch.device("cuda", torch.cuda.current_device())
     dtype = choose_dtype(dtype, device, config, found)
     ours = {checkpoint_name(k): k for k in model.state_dict()}
-    head = None
-    for path in sorted(set(files.values())):
+    for path in shards:
         shard = {}
         try:  # safe_open memory-maps the file and creates each tensor directly on `device`
             with safetensors.safe_open(str(path), framework="pt", device=str(device)) as f:
                 for name in f.keys():
-                    tensor = f.get_tensor(name).to(dtype)  # no copy when the stored dtype is already `dtype`
                     if redundant_head and name == "lm_head.weight":
-                        head = tensor
-                    else:
-                        shard[ours[name]] = tensor
+                        continue  # checked against the embedding below, never loaded
+                    shard[ours[name]] = f.get_tensor(name).to(dtype)  # no copy when already stored in `dtype`
         except safetensors.SafetensorError as e:
             raise CheckpointError(f"{path}: unreadable safetensors file ({e}); re-download it") from None
         model.load_state_dict(shard, strict=False, assign=True)  # assign: the tensors become the parameters
         del shard
     if tied:
         model.lm_head.weight = model.embed_tokens.weight
-        if head is not None and not torch.equal(head, model.embed_tokens.weight):
-            raise CheckpointError(f"{directory}: config.json says tie_word_embeddings=true, but the stored "
-                                  "lm_head.weight differs from model.embed_tokens.weight")
+        if redundant_head and not _same_as_embedding(files["lm_head.weight"], model.embed_tokens.weight):
+            raise CheckpointError(f"{files['lm_head.weight']}: config.json says tie_word_embeddings=true, but the "
+                                  "stored lm_head.weight differs from model.embed_tokens.weight")
     _materialize_buffers(model, device)
     return model
 
 
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-# %% notebooks/08_weights.ipynb cell 36
+# %% notebooks/08_weights.ipynb cell 47
 HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", INDEX_NAME, "tokenizer.json",
                 "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json"]
 SOURCES = ("auto", "local", "hf", "modelscope")
 
 
 def preset_repo_id(name: str) -> str | None:
-    """'0.6B' -> 'Qwen/Qwen3-0.6B' (the official repository of a preset in config.PRESETS), else None."""
-    from qwen3_scratch import config
-    repos = getattr(config, "HF_REPOS", None) or {}  # chapter 7's table, when it has one
-    return repos.get(name) or (f"Qwen/Qwen3-{name}" if name in config.PRESETS else None)
+    """'0.6B' -> 'Qwen/Qwen3-0.6B' (the official repository of a preset, from chapter 07's HF_REPOS), else None."""
+    return HF_REPOS.get(name)
 
 
 def _env_flag(name: str):
+    """True/False for an environment variable such as HF_HUB_OFFLINE=1, None when it is not set."""
     value = os.environ.get(name)
     return None if value is None else value.strip().lower() in ("1", "true", "yes", "on")
 
@@ -276,7 +303,9 @@ def _hub_cache_dir():
     return None
 
 
+# %% notebooks/08_weights.ipynb cell 49
 def _network_errors() -> tuple:
+    """The exception types that mean 'could not reach the Hub, and no cached copy'."""
     from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
     errors = [LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError, TimeoutError]
     for mod in ("httpx2", "httpx", "requests"):  # whichever HTTP client this huggingface_hub uses
@@ -295,6 +324,7 @@ def _no_network(repo_id: str, why: str) -> RuntimeError:
         "and pass that DIR.")
 
 
+# %% notebooks/08_weights.ipynb cell 50
 def _from_hub(repo_id, revision, cache_dir, local_files_only) -> Path:
     import huggingface_hub
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
@@ -324,6 +354,7 @@ def _from_hub(repo_id, revision, cache_dir, local_files_only) -> Path:
     return Path(folder)
 
 
+# %% notebooks/08_weights.ipynb cell 52
 def _from_modelscope(repo_id, revision, cache_dir) -> Path:
     try:
         import modelscope
@@ -339,6 +370,7 @@ def _from_modelscope(repo_id, revision, cache_dir) -> Path:
     return Path(folder)
 
 
+# %% notebooks/08_weights.ipynb cell 54
 def resolve_checkpoint(name_or_path, revision=None, source="auto", *, cache_dir=None,
                        local_files_only=None) -> Path:
     """A local checkpoint folder for a directory, a preset name ('0.6B'), or a repo id ('Qwen/Qwen3-0.6B') fetched
@@ -361,7 +393,7 @@ def resolve_checkpoint(name_or_path, revision=None, source="auto", *, cache_dir=
     return _from_hub(repo_id, revision, cache_dir, local_files_only)
 
 
-# %% notebooks/08_weights.ipynb cell 40
+# %% notebooks/08_weights.ipynb cell 58
 def read_config(directory) -> tuple[Qwen3Config, dict]:
     """(Qwen3Config, the raw config.json dict) for a checkpoint folder; errors name the file."""
     path = Path(directory) / "config.json"
@@ -382,6 +414,7 @@ def read_config(directory) -> tuple[Qwen3Config, dict]:
         raise CheckpointError(f"{path}: {str(e).removeprefix('config dict: ')}") from None
 
 
+# %% notebooks/08_weights.ipynb cell 60
 def load_pretrained(name_or_path, dtype=None, device=None, revision=None, source="auto", *,
                     cache_dir=None) -> Qwen3Model:
     """A ready-to-run Qwen3Model (eval mode) from a checkpoint folder, preset name or repo id.
@@ -394,8 +427,9 @@ def load_pretrained(name_or_path, dtype=None, device=None, revision=None, source
     return load_state_dict_strict(model, directory, dtype=dtype, device=device).eval()
 
 
-# %% notebooks/08_weights.ipynb cell 46
+# %% notebooks/08_weights.ipynb cell 66
 def _parse_size(size) -> int:
+    """Bytes from 123, "5GB" (10**9) or "2GiB" (2**30), for max_shard_size."""
     if isinstance(size, int):
         return size
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", str(size), re.IGNORECASE)
@@ -406,13 +440,11 @@ def _parse_size(size) -> int:
 
 
 def _config_json(config: Qwen3Config, dtype: torch.dtype) -> dict:
-    import dataclasses
-    d = config.to_hf() if hasattr(config, "to_hf") else dataclasses.asdict(config)
-    d.setdefault("architectures", ["Qwen3MoeForCausalLM" if config.num_experts else "Qwen3ForCausalLM"])
-    d["torch_dtype"] = str(dtype).removeprefix("torch.")
-    return d
+    """config.json as the releases spell it (chapter 07's to_hf), with the dtype the tensors are stored in."""
+    return dict(config.to_hf(), torch_dtype=str(dtype).removeprefix("torch."))
 
 
+# %% notebooks/08_weights.ipynb cell 68
 def save_pretrained(model: Qwen3Model, directory, max_shard_size=None) -> Path:
     """Write config.json + model.safetensors (or shards of at most max_shard_size bytes, e.g. "5GB", plus
     model.safetensors.index.json) in the Hub's format. Returns the directory."""

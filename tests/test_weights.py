@@ -184,7 +184,7 @@ def test_parity_transformers_sharded(tmp_path):
 class SafeOpenSpy:
     """Wraps safetensors.safe_open and records every tensor it hands out."""
     real = safetensors.safe_open
-    seen = []
+    seen, names = [], []
 
     def __init__(self, *args, **kwargs):
         self.f = SafeOpenSpy.real(*args, **kwargs)
@@ -203,7 +203,11 @@ class SafeOpenSpy:
     def get_tensor(self, name):
         t = self.f.get_tensor(name)
         SafeOpenSpy.seen.append(t)
+        SafeOpenSpy.names.append(name)
         return t
+
+    def get_slice(self, name):
+        return self.f.get_slice(name)
 
 
 def test_bf16_loads_as_bf16_without_a_float32_copy(tmp_path, monkeypatch):
@@ -292,14 +296,33 @@ def test_all_problems_in_one_error(hf_ckpt, tmp_path):
         assert culprit in msg, (culprit, msg)
 
 
-def test_tied_checkpoint_with_redundant_lm_head(hf_ckpt, tmp_path):
+def test_tied_checkpoint_with_redundant_lm_head(hf_ckpt, tmp_path, monkeypatch):
     folder = copy_ckpt(hf_ckpt, "dense", tmp_path)
     edit_tensors(folder, lambda sd: sd.update({"lm_head.weight": sd["model.embed_tokens.weight"].clone()}))
+    SafeOpenSpy.seen, SafeOpenSpy.names = [], []
+    monkeypatch.setattr(safetensors, "safe_open", SafeOpenSpy)
     model = load_pretrained(folder, device="cpu")  # the same matrix stored twice is fine
     assert model.lm_head.weight is model.embed_tokens.weight
-    edit_tensors(folder, lambda sd: sd.update({"lm_head.weight": torch.zeros_like(sd["lm_head.weight"])}))
-    with pytest.raises(CheckpointError, match="lm_head.weight differs from model.embed_tokens.weight"):
+    assert "lm_head.weight" not in SafeOpenSpy.names, "the redundant copy is compared from the file, never loaded"
+
+    def last_row_changed(sd):
+        sd["lm_head.weight"][-1, -1] += 1.0
+    edit_tensors(folder, last_row_changed)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: .*lm_head.weight differs from model.embed_tokens.weight"):
         load_pretrained(folder, device="cpu")
+
+
+def test_redundant_head_compared_block_by_block(hf_ckpt, tmp_path):
+    from qwen3_scratch.weights import _same_as_embedding
+    folder = copy_ckpt(hf_ckpt, "dense", tmp_path)
+    embedding = load_file(folder / "model.safetensors")["model.embed_tokens.weight"]  # (V, D), V = 256
+    head = embedding.clone()
+    head[-1, 0] += 1.0  # only the last, partial block differs
+    save_file({"lm_head.weight": head}, tmp_path / "head.safetensors")
+    assert _same_as_embedding(tmp_path / "head.safetensors", embedding.clone(), rows=100) is False
+    save_file({"lm_head.weight": embedding.clone()}, tmp_path / "head.safetensors")
+    assert _same_as_embedding(tmp_path / "head.safetensors", embedding, rows=100) is True
+    assert _same_as_embedding(tmp_path / "head.safetensors", embedding.double(), rows=100) is True, "any dtype"
 
 
 def test_non_qwen3_model_type(hf_ckpt, tmp_path):
@@ -352,6 +375,39 @@ def test_truncated_and_corrupt_files(hf_ckpt, tmp_path):
         load_pretrained(folder, device="cpu")
 
 
+def write_raw_safetensors(path, header: dict, data_bytes: int):
+    """A .safetensors file with a hand-written header (possibly wrong) and `data_bytes` zero bytes of data."""
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(data_bytes))
+
+
+@pytest.mark.parametrize("offsets_b, message", [
+    ([4, 12], r"'b' starts at data byte 4, expected 8 \(overlaps the tensor before it\)"),
+    ([12, 20], r"'b' starts at data byte 12, expected 8 \(leaves a gap before it\)"),
+])
+def test_header_offsets_must_tile_the_data(tmp_path, offsets_b, message):
+    """Sizes that add up are not enough: two tensors sharing bytes, or a hole, mean a corrupt header."""
+    path = tmp_path / "x.safetensors"
+    write_raw_safetensors(path, {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                                 "b": {"dtype": "F32", "shape": [2], "data_offsets": offsets_b}}, offsets_b[1])
+    with pytest.raises(CheckpointError, match=r"x\.safetensors: corrupt safetensors header: " + message):
+        read_safetensors_header(path)
+
+
+@pytest.mark.parametrize("entry", [
+    {"dtype": "F32", "shape": [-2, -1], "data_offsets": [0, 8]},  # negative dims whose product looks right
+    {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]},  # end before begin
+    {"dtype": "F32", "shape": [2], "data_offsets": [0.0, 8.0]},  # not integers
+    {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]},  # unknown dtype
+    {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]},  # 3 floats do not fit in 8 bytes
+])
+def test_header_entry_must_be_consistent(tmp_path, entry):
+    path = tmp_path / "x.safetensors"
+    write_raw_safetensors(path, {"w": entry}, 8)
+    with pytest.raises(CheckpointError, match=r"x\.safetensors: corrupt safetensors header entry for 'w'"):
+        read_safetensors_header(path)
+
+
 def test_sharded_errors(tmp_path):
     folder = save_pretrained(random_model(False, False), tmp_path / "ckpt", max_shard_size="30KB")
     index_path = folder / "model.safetensors.index.json"
@@ -369,6 +425,18 @@ def test_sharded_errors(tmp_path):
         load_pretrained(folder, device="cpu")
     index_path.write_text("{not json")
     with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json: not a valid safetensors index"):
+        load_pretrained(folder, device="cpu")
+
+
+def test_sharded_mismatch_names_the_shard(tmp_path):
+    folder = save_pretrained(random_model(False, False), tmp_path / "ckpt", max_shard_size="30KB")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    name = "model.layers.1.self_attn.q_proj.weight"
+    shard = index["weight_map"][name]
+    sd = load_file(folder / shard)
+    sd[name] = torch.zeros(8, 8)
+    save_file(sd, folder / shard, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"{name} \(in {shard}\): checkpoint \(8, 8\) vs model"):
         load_pretrained(folder, device="cpu")
 
 
