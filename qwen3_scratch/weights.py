@@ -14,6 +14,7 @@ import math
 import os
 import re
 import struct
+import warnings
 from pathlib import Path
 
 import safetensors
@@ -271,8 +272,12 @@ def load_state_dict_strict(model: Qwen3Model, directory, dtype=None, device=None
     if tied:
         model.lm_head.weight = model.embed_tokens.weight
         if redundant_head and not _same_as_embedding(files["lm_head.weight"], model.embed_tokens.weight):
-            raise CheckpointError(f"{files['lm_head.weight']}: config.json says tie_word_embeddings=true, but the "
-                                  "stored lm_head.weight differs from model.embed_tokens.weight")
+            warnings.warn(f"{files['lm_head.weight']}: config.json says tie_word_embeddings=true, but the stored "
+                          "lm_head.weight differs from model.embed_tokens.weight; untying and using the stored "
+                          "head, as transformers does")
+            with safetensors.safe_open(str(files["lm_head.weight"]), framework="pt", device=str(device)) as f:
+                model.lm_head.weight = torch.nn.Parameter(f.get_tensor("lm_head.weight").to(dtype))
+            model.config.tie_word_embeddings = False
     _materialize_buffers(model, device)
     return model
 
@@ -327,11 +332,12 @@ def _no_network(repo_id: str, why: str) -> RuntimeError:
 # %% notebooks/08_weights.ipynb cell 50
 def _from_hub(repo_id, revision, cache_dir, local_files_only) -> Path:
     import huggingface_hub
+    from huggingface_hub import constants as hub_constants  # a submodule: not an attribute until imported
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
     offline = local_files_only
     if offline is None:  # follow HF_HUB_OFFLINE as it is now, else as huggingface_hub read it at import
         offline = _env_flag("HF_HUB_OFFLINE")
-        offline = huggingface_hub.constants.HF_HUB_OFFLINE if offline is None else offline
+        offline = hub_constants.HF_HUB_OFFLINE if offline is None else offline
     try:
         folder = huggingface_hub.snapshot_download(
             repo_id, revision=revision, allow_patterns=HUB_PATTERNS, cache_dir=cache_dir or _hub_cache_dir(),

@@ -305,11 +305,27 @@ def test_tied_checkpoint_with_redundant_lm_head(hf_ckpt, tmp_path, monkeypatch):
     assert model.lm_head.weight is model.embed_tokens.weight
     assert "lm_head.weight" not in SafeOpenSpy.names, "the redundant copy is compared from the file, never loaded"
 
-    def last_row_changed(sd):
+
+
+def test_tied_config_with_a_different_stored_head_unties_like_transformers(hf_ckpt, tmp_path):
+    from transformers import Qwen3ForCausalLM
+    folder = copy_ckpt(hf_ckpt, "dense", tmp_path)
+
+    def different_head(sd):
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
         sd["lm_head.weight"][-1, -1] += 1.0
-    edit_tensors(folder, last_row_changed)
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: .*lm_head.weight differs from model.embed_tokens.weight"):
-        load_pretrained(folder, device="cpu")
+    edit_tensors(folder, different_head)
+    with pytest.warns(UserWarning, match=r"model\.safetensors: .*lm_head.weight differs from model.embed_tokens.weight"):
+        model = load_pretrained(folder, device="cpu")
+    stored = load_file(folder / "model.safetensors")
+    assert model.lm_head.weight is not model.embed_tokens.weight, "a different stored head must be untied"
+    assert torch.equal(model.lm_head.weight, stored["lm_head.weight"])
+    assert torch.equal(model.embed_tokens.weight, stored["model.embed_tokens.weight"])
+    assert model.config.tie_word_embeddings is False
+    reference = Qwen3ForCausalLM.from_pretrained(folder).eval()  # transformers 5 also unties here
+    ids = torch.randint(0, 256, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), reference(ids).logits, atol=1e-5, rtol=0)
 
 
 def test_redundant_head_compared_block_by_block(hf_ckpt, tmp_path):
@@ -550,3 +566,12 @@ def test_modelscope(monkeypatch, hf_ckpt):
     fake.snapshot_download = broken
     with pytest.raises(RuntimeError, match=r"could not download Org/X from ModelScope \(OSError: connection refused\)"):
         resolve_checkpoint("Org/X", source="modelscope")
+
+
+def test_unreachable_hub_gives_one_clear_line(tmp_path, monkeypatch):
+    """Online mode, but the endpoint refuses connections (a closed port on loopback): the one-line advice."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(RuntimeError, match=r"^could not download Qwen/Qwen3-0.6B \(no network\?\)\. .*hf download"):
+        load_pretrained("Qwen/Qwen3-0.6B", device="cpu")
