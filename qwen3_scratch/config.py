@@ -150,6 +150,7 @@ PRESETS = {  # numbers from each repository's config.json; V = 151,936 and Dh = 
 HF_REPOS = {name: f"Qwen/Qwen3-{name}" for name in PRESETS}  # where chapter 8 downloads each one
 
 
+# %% notebooks/07_model.ipynb cell 13
 def preset_name(name: str) -> str:
     """'0.6B', 'Qwen3-0.6B' or 'Qwen/Qwen3-0.6B' (any case) -> the PRESETS key '0.6B'."""
     short = name.split("/")[-1]
@@ -160,7 +161,7 @@ def preset_name(name: str) -> str:
     raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
 
 
-# %% notebooks/07_model.ipynb cell 14
+# %% notebooks/07_model.ipynb cell 16
 _HF_DEFAULTS = dict(  # what the reference assumes when config.json leaves a key out
     tie_word_embeddings=False, rope_theta=10_000.0, max_position_embeddings=32_768, rms_norm_eps=1e-6,
     bos_token_id=None, eos_token_id=None)
@@ -181,6 +182,7 @@ def _load_config_json(source) -> tuple[dict, str]:
     return json.loads(path.read_text()), str(path)
 
 
+# %% notebooks/07_model.ipynb cell 18
 def _fields_from_hf(d: dict) -> dict:
     """A config.json dict in either spelling -> Qwen3Config's keyword arguments; refuses what we cannot run."""
     model_type = d.get("model_type")
