@@ -5,19 +5,33 @@ temperature, top-k and top-p sampling; stop tokens; left-padded batches; streami
 keeps the history and separates Qwen3's <think> reasoning from the answer.
 Legend: B batch, T prompt tokens, V vocab. Reference: transformers' GenerationMixin (greedy and sampling)."""
 
-__all__ = ['filter_top_k', 'filter_top_p', 'sample_next', 'check_generate_args', 'stream_generate', 'generate', 'RECOMMENDED_SAMPLING', 'ChatReply', 'ThinkingSplitter', 'print_stream', 'ChatSession', 'chat']
+__all__ = ['check_sampling_args', 'filter_top_k', 'filter_top_p', 'sample_next', 'check_generate_args', 'StopTokens', 'stream_generate', 'generate', 'RECOMMENDED_SAMPLING', 'ChatReply', 'ThinkingSplitter', 'print_stream', 'ChatSession', 'chat']
 
 
 # %% notebooks/09_generation.ipynb cell 25
+import sys
+from dataclasses import dataclass, field
+
 import torch
 
 from qwen3_scratch.kv_cache import KVCache
+from qwen3_scratch.tokenizer import Qwen3Tokenizer, StreamDecoder
+
+
+# %% notebooks/09_generation.ipynb cell 26
+def check_sampling_args(temperature=0.0, top_k=None, top_p=None):
+    """Raise a ValueError naming the first sampling argument that makes no sense."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
 def filter_top_k(logits, k):
     """logits (B, V) -> the same with everything below the k-th largest value set to -inf (ties with it stay)."""
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"top_k must be a positive integer, got {k!r}")
+    check_sampling_args(top_k=k)
     kth = logits.topk(min(k, logits.shape[-1]), dim=-1).values[..., -1:]  # (B, 1)
     return logits.masked_fill(logits < kth, float("-inf"))
 
@@ -25,8 +39,7 @@ def filter_top_k(logits, k):
 def filter_top_p(logits, p):
     """logits (B, V) -> the same with -inf outside the nucleus: the smallest set of most likely tokens whose
     probability adds up to at least p. The most likely token is always kept, however small p is."""
-    if not 0 < p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {p!r}")
+    check_sampling_args(top_p=p)
     if p == 1:
         return logits
     sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V) each
@@ -36,12 +49,12 @@ def filter_top_p(logits, p):
     return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))  # scatter: back to vocab order
 
 
+# %% notebooks/09_generation.ipynb cell 27
 def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
     """logits (B, V) -> next token ids (B,). temperature == 0: greedy (argmax; top_k/top_p are irrelevant).
     Otherwise divide by the temperature, keep the top_k, then the top_p nucleus, renormalize and draw.
     generator: a torch.Generator on the logits' device, for reproducible draws."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    check_sampling_args(temperature)
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -53,16 +66,9 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
 
 
-# %% notebooks/09_generation.ipynb cell 32
-def _stop_ids(eos_token_id, device):
-    """None, an int or a list of ints -> a 1-D LongTensor of stop tokens (possibly empty)."""
-    ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
-        raise ValueError(f"eos_token_id must be None, a token id or a list of token ids, got {eos_token_id!r}")
-    return torch.tensor(ids, dtype=torch.long, device=device)
-
-
-def check_generate_args(model, input_ids, max_new_tokens, attention_mask=None):
+# %% notebooks/09_generation.ipynb cell 34
+def check_generate_args(model, input_ids, max_new_tokens, attention_mask=None, temperature=0.0, top_k=None,
+                        top_p=None):
     """Raise a ValueError naming the culprit for what generation cannot do; return (B, T)."""
     if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
         raise ValueError("input_ids must be a (B, T) LongTensor, got "
@@ -87,27 +93,53 @@ def check_generate_args(model, input_ids, max_new_tokens, attention_mask=None):
         m = attention_mask.long()
         if ((m != 0) & (m != 1)).any() or (m[:, 1:] < m[:, :-1]).any() or (m[:, -1] == 0).any():
             raise ValueError("attention_mask must be 0 (padding) then 1 (tokens) in every row: pad on the LEFT")
+    check_sampling_args(temperature, top_k, top_p)
     return B, T
 
 
+# %% notebooks/09_generation.ipynb cell 36
+class StopTokens:
+    """Which rows of a batch have finished. eos_token_id: None, a token id or a list of ids. A row that emits
+    one is finished and from then on repeats that token (or pad_token_id), so all rows keep the same length;
+    `all_done` tells the loop to end early."""
+
+    def __init__(self, eos_token_id, batch_size, device=None, pad_token_id=None):
+        ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise ValueError(f"eos_token_id must be None, a token id or a list of token ids, got {eos_token_id!r}")
+        self.ids = torch.tensor(ids, dtype=torch.long, device=device)  # the stop tokens, possibly none
+        self.done = torch.zeros(batch_size, dtype=torch.bool, device=device)  # (B,) rows that have finished
+        self.fill = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) what a finished row emits
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, nxt):
+        """nxt (B,) sampled tokens -> (B,) tokens to emit; rows that emit a stop token now are marked done."""
+        if not self.ids.numel():
+            return nxt
+        nxt = torch.where(self.done, self.fill, nxt)
+        newly = torch.isin(nxt, self.ids) & ~self.done
+        fill = nxt if self.pad_token_id is None else torch.full_like(nxt, self.pad_token_id)
+        self.fill = torch.where(newly, fill, self.fill)
+        self.done |= newly
+        return nxt
+
+    @property
+    def all_done(self) -> bool:
+        return bool(self.ids.numel()) and bool(self.done.all())
+
+
+# %% notebooks/09_generation.ipynb cell 38
 @torch.no_grad()
-def _decode(model, input_ids, max_new_tokens, temperature, top_k, top_p, stop, use_cache, attention_mask,
-            generator, pad_token_id):
+def _decode(model, input_ids, max_new_tokens, temperature, top_k, top_p, stops, use_cache, attention_mask,
+            generator):
     B, T = input_ids.shape
     cache = KVCache.for_model(model, B, T + max_new_tokens) if use_cache else None
-    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)  # rows that have met a stop token
-    pad = torch.zeros(B, dtype=torch.long, device=input_ids.device)  # what a finished row emits from then on
     seq, mask, step_in = input_ids, attention_mask, input_ids
     for _ in range(max_new_tokens):
         logits = model(step_in if use_cache else seq, attention_mask=mask, kv_cache=cache, last_only=True)
-        nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
-        if stop.numel():
-            nxt = torch.where(done, pad, nxt)  # finished rows keep emitting their stop (or pad) token
-            newly = torch.isin(nxt, stop) & ~done
-            pad = torch.where(newly, nxt if pad_token_id is None else torch.full_like(nxt, pad_token_id), pad)
-            done |= newly
+        nxt = stops(sample_next(logits[:, -1], temperature, top_k, top_p, generator))  # (B,)
         yield nxt
-        if stop.numel() and done.all():
+        if stops.all_done:
             return
         if use_cache:
             step_in = nxt[:, None]  # (B, 1): the cache holds everything before it
@@ -117,20 +149,15 @@ def _decode(model, input_ids, max_new_tokens, temperature, top_k, top_p, stop, u
             mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)  # the new token is real in every row
 
 
+# %% notebooks/09_generation.ipynb cell 39
 def stream_generate(model, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
                     eos_token_id=None, use_cache=True, attention_mask=None, generator=None, pad_token_id=None):
     """Like `generate`, but an iterator that yields each step's new tokens, (B,), as soon as they exist.
     The arguments are checked here, before the first token, so mistakes raise at the call."""
-    check_generate_args(model, input_ids, max_new_tokens, attention_mask)
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None:
-        filter_top_k(input_ids[:, :1].float(), top_k)  # only to check the value
-    if top_p is not None:
-        filter_top_p(input_ids[:, :1].float(), top_p)
-    stop = _stop_ids(eos_token_id, input_ids.device)
-    return _decode(model, input_ids, max_new_tokens, temperature, top_k, top_p, stop, use_cache, attention_mask,
-                   generator, pad_token_id)
+    B, _ = check_generate_args(model, input_ids, max_new_tokens, attention_mask, temperature, top_k, top_p)
+    stops = StopTokens(eos_token_id, B, input_ids.device, pad_token_id)
+    return _decode(model, input_ids, max_new_tokens, temperature, top_k, top_p, stops, use_cache, attention_mask,
+                   generator)
 
 
 def generate(model, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, eos_token_id=None,
@@ -146,12 +173,7 @@ def generate(model, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_
     return torch.cat([input_ids] + [t[:, None] for t in steps], dim=1)
 
 
-# %% notebooks/09_generation.ipynb cell 50
-import sys
-from dataclasses import dataclass, field
-
-from qwen3_scratch.tokenizer import Qwen3Tokenizer, StreamDecoder
-
+# %% notebooks/09_generation.ipynb cell 57
 RECOMMENDED_SAMPLING = {  # Qwen3's model card, "Best practices"; it advises against greedy decoding when thinking
     True: dict(temperature=0.6, top_k=20, top_p=0.95),  # thinking on
     False: dict(temperature=0.7, top_k=20, top_p=0.8),  # thinking off
@@ -160,12 +182,14 @@ RECOMMENDED_SAMPLING = {  # Qwen3's model card, "Best practices"; it advises aga
 
 @dataclass
 class ChatReply:
+    """One assistant turn, split into its reasoning and its answer."""
     thinking: str  # the reasoning between <think> and </think> ('' with thinking off)
     answer: str  # what the user is meant to read
     token_ids: list = field(default_factory=list)  # everything the model produced, tags and stop token included
     finished: bool = False  # True: the model ended its turn with a stop token; False: max_new_tokens ran out
 
 
+# %% notebooks/09_generation.ipynb cell 59
 class ThinkingSplitter:
     """Reply token ids in, (channel, text) pieces out, channel 'thinking' between <think> and </think> and
     'answer' elsewhere. The tags and the stop tokens print nothing; the newlines that open a channel are dropped."""
@@ -195,6 +219,7 @@ class ThinkingSplitter:
         return [(self.channel, text)] if text else []
 
 
+# %% notebooks/09_generation.ipynb cell 61
 def print_stream(pieces, file=None, color=False):
     """Print (channel, text) pieces as they come. color=False shows the thinking between <think> tags as the
     model wrote it; color=True (a terminal) shows it dimmed. Returns the pieces, joined per channel."""
@@ -215,6 +240,7 @@ def print_stream(pieces, file=None, color=False):
     return shown
 
 
+# %% notebooks/09_generation.ipynb cell 63
 class ChatSession:
     """A multi-turn chat with a Qwen3 model. Keeps the messages, renders them with Qwen3's chat template
     (which drops the thinking of earlier assistant turns), streams each reply and splits it into thinking
@@ -287,6 +313,7 @@ class ChatSession:
         return self.last_reply
 
 
+# %% notebooks/09_generation.ipynb cell 65
 def chat(model, message, tokenizer=None, enable_thinking=True, display=True, **kwargs) -> ChatReply:
     """One question, one streamed reply: ChatSession(model, ...).send(message). kwargs go to ChatSession."""
     session = ChatSession(model, tokenizer, enable_thinking=enable_thinking, **kwargs)

@@ -6,8 +6,8 @@ import torch
 
 from hf_ref import hf_to_scratch, tiny_hf_model
 from qwen3_scratch.config import Qwen3Config
-from qwen3_scratch.generate import (RECOMMENDED_SAMPLING, ChatSession, filter_top_k, filter_top_p, generate,
-                                    print_stream, sample_next, stream_generate)
+from qwen3_scratch.generate import (RECOMMENDED_SAMPLING, ChatSession, StopTokens, filter_top_k, filter_top_p,
+                                    generate, print_stream, sample_next, stream_generate)
 from qwen3_scratch.model import Qwen3Model
 from qwen3_scratch.tokenizer import Qwen3Tokenizer
 
@@ -151,6 +151,19 @@ def test_filters():
         filter_top_p(z, 0.0)
     with pytest.raises(ValueError, match="temperature"):
         sample_next(z, -1.0)
+
+
+def test_stop_tokens_mark_rows_and_repeat_their_token():
+    stops = StopTokens([7, 9], batch_size=3)
+    assert torch.equal(stops(torch.tensor([1, 7, 2])), torch.tensor([1, 7, 2])) and not stops.all_done
+    assert torch.equal(stops(torch.tensor([9, 4, 2])), torch.tensor([9, 7, 2])), "row 1 is done: it repeats 7"
+    assert stops.done.tolist() == [True, True, False] and not stops.all_done
+    assert torch.equal(stops(torch.tensor([5, 5, 7])), torch.tensor([9, 7, 7])) and stops.all_done
+    padded = StopTokens(7, batch_size=2, pad_token_id=0)
+    padded(torch.tensor([7, 3]))
+    assert torch.equal(padded(torch.tensor([4, 4])), torch.tensor([0, 4])), "with pad_token_id, finished rows pad"
+    none = StopTokens(None, batch_size=2)
+    assert torch.equal(none(torch.tensor([7, 9])), torch.tensor([7, 9])) and not none.all_done, "no stop tokens"
 
 
 # ---------------------------------------------------------------- streaming
