@@ -4,7 +4,7 @@
 no cache, a roofline from the measured memory bandwidth, and the fast decode path next to transformers' generate.
 Outside Jupyter: `python -m qwen3_scratch.bench [--small] [--device cuda] [--out results/]`."""
 
-__all__ = ['SMALL', 'bench_config', 'attention_variants', 'shape_str', 'kv_bytes_per_token', 'kv_cache_bytes', 'measure_kv_cache_bytes', 'synchronize', 'time_calls', 'time_call', 'random_model', 'load_model', 'decode_steps', 'decode_latency', 'per_token_times', 'cache_vs_nocache', 'measure_bandwidth', 'weight_bytes_per_token', 'roofline_seconds', 'to_transformers', 'fast_path_rows', 'BenchSettings', 'SETTINGS', 'run_benchmarks', 'bench_meta', 'CSV_FIELDS', 'write_results', 'plot_kv_bytes', 'plot_decode_latency', 'plot_cache_vs_nocache', 'plot_roofline', 'plot_fast_path', 'PLOTS', 'save_plots', 'main', 'print_summary']
+__all__ = ['SMALL', 'bench_config', 'attention_variants', 'shape_str', 'kv_bytes_per_token', 'kv_cache_bytes', 'measure_kv_cache_bytes', 'synchronize', 'time_calls', 'time_call', 'random_model', 'load_model', 'decode_steps', 'decode_latency', 'per_token_times', 'cache_vs_nocache', 'measure_bandwidth', 'weight_bytes_per_token', 'roofline_seconds', 'to_transformers', 'generate_paths', 'result_row', 'fast_path_rows', 'BenchSettings', 'SETTINGS', 'bench_model', 'kv_bytes_rows', 'decode_latency_rows', 'cache_vs_nocache_rows', 'run_benchmarks', 'bench_meta', 'CSV_FIELDS', 'write_results', 'plot_kv_bytes', 'plot_decode_latency', 'plot_cache_vs_nocache', 'plot_roofline', 'plot_fast_path', 'PLOTS', 'save_plots', 'main', 'print_summary']
 
 
 # %% notebooks/11_benchmarks.ipynb cell 3
@@ -12,6 +12,7 @@ import argparse
 import csv
 import dataclasses
 import datetime
+import itertools
 import json
 import platform
 import statistics
@@ -26,7 +27,6 @@ from qwen3_scratch.fast import fast_generate
 from qwen3_scratch.generate import generate, stream_generate
 from qwen3_scratch.kv_cache import KVCache
 from qwen3_scratch.model import Qwen3Model
-from qwen3_scratch.rope import rope_inv_freq
 from qwen3_scratch.utils import default_device, device_name, save_figure
 
 
@@ -120,17 +120,13 @@ def random_model(cfg: Qwen3Config, dtype=torch.float32, device="cpu", seed: int 
     torch.manual_seed(seed)
     with torch.device(device):
         model = Qwen3Model(cfg)
-    model.to(dtype).eval()
-    model.rotary.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta).to(device)  # keep the frequencies in fp32
-    return model
+    return model.to(dtype).eval()
 
 
 def load_model(checkpoint, dtype=torch.bfloat16, device="cpu") -> Qwen3Model:
-    """Real weights from a folder or Hub id, through chapter 8's loader."""
+    """Real weights from a folder or Hub id, through chapter 8's loader, straight to `device` in `dtype`."""
     from qwen3_scratch.weights import load_pretrained
-    model = load_pretrained(checkpoint).to(device=device, dtype=dtype).eval()
-    model.rotary.inv_freq = rope_inv_freq(model.config.head_dim, model.config.rope_theta).to(device)
-    return model
+    return load_pretrained(checkpoint, dtype=dtype, device=device)
 
 
 # %% notebooks/11_benchmarks.ipynb cell 22
@@ -245,16 +241,9 @@ def to_transformers(model: Qwen3Model):
 
 
 # %% notebooks/11_benchmarks.ipynb cell 47
-def fast_path_rows(model, prompt_len, new_tokens, bandwidth, compile=False, with_hf=True, warmup=1, repeats=3,
-                   seed=0) -> list:
-    """Time plain generate, the fast path (eager, and compiled if asked), transformers' generate (default cache; on
-    CUDA also static cache + compile); rows of tokens/s, achieved bandwidth, roofline share, same tokens as plain."""
-    device, cfg = next(model.parameters()).device, model.config
-    ids = torch.randint(cfg.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(seed)).to(device)
-    w = weight_bytes_per_token(model)
-    kv = kv_cache_bytes(cfg, prompt_len + new_tokens // 2, dtype=next(model.parameters()).dtype)  # mean context
-    t_min = roofline_seconds(w, kv, bandwidth)
-    ref = generate(model, ids, new_tokens)
+def generate_paths(model, ids, new_tokens: int, compile=False, with_hf=True) -> dict:
+    """{name: a function generating new_tokens greedily after ids (1, T)}: ours plain and fast (eager; compiled if
+    asked), transformers' generate (default cache; on CUDA also static cache + compile). Compiled ones warmed up."""
     runs = {"ours: plain generate (ch. 9)": lambda: generate(model, ids, new_tokens),
             "ours: fast path, eager": lambda: fast_generate(model, ids, new_tokens)}
     if compile:
@@ -264,36 +253,53 @@ def fast_path_rows(model, prompt_len, new_tokens, bandwidth, compile=False, with
         kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                   do_sample=False)
         runs["transformers: generate"] = lambda: hf.generate(ids, **kw)
-        if device.type == "cuda":  # a static cache makes generate compile the forward (CUDA graphs)
+        if ids.device.type == "cuda":  # a static cache makes generate compile the forward (CUDA graphs)
             runs["transformers: static cache + compile"] = lambda: hf.generate(ids, cache_implementation="static", **kw)
     for name, fn in runs.items():
-        if "compile" in name:  # the first calls compile (and capture the CUDA graph): not part of the timing
+        if "compile" in name:
             fn(), fn()
+    return runs
+
+
+# %% notebooks/11_benchmarks.ipynb cell 49
+def result_row(experiment, metric, value, variant="", shape="", context=None, unit="") -> dict:
+    """One measurement in the results' schema: experiment, variant, shape, context, metric, value, unit."""
+    return dict(experiment=experiment, variant=variant, shape=shape, context=context, metric=metric, value=value,
+                unit=unit)
+
+
+def fast_path_rows(model, prompt_len, new_tokens, bandwidth, compile=False, with_hf=True, warmup=1, repeats=3,
+                   seed=0) -> list:
+    """Time every path of generate_paths; rows of tokens/s, achieved bandwidth, share of the roofline and whether
+    the tokens equal plain greedy's, then the roofline's tokens/s and the best fast path's speedups."""
+    device, cfg = next(model.parameters()).device, model.config
+    ids = torch.randint(cfg.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(seed)).to(device)
+    runs = generate_paths(model, ids, new_tokens, compile, with_hf)
     seconds = time_calls(runs, device, warmup, repeats)
-    rows = []
+    w = weight_bytes_per_token(model)
+    kv = kv_cache_bytes(cfg, prompt_len + new_tokens // 2, dtype=next(model.parameters()).dtype)  # mean context
+    t_min = roofline_seconds(w, kv, bandwidth)
+    ref = generate(model, ids, new_tokens)
+    where = dict(shape=shape_str(cfg), context=prompt_len + new_tokens)
+    rows, tps = [], {name: new_tokens / s for name, s in seconds.items()}
     for name, fn in runs.items():
-        tps = new_tokens / seconds[name]
-        same = torch.equal(fn(), ref)
-        rows += [dict(experiment="fast_path", variant=name, metric="tokens_per_second", value=tps, unit="tok/s"),
-                 dict(experiment="fast_path", variant=name, metric="achieved_bandwidth", value=w * tps, unit="B/s"),
-                 dict(experiment="fast_path", variant=name, metric="roofline_fraction", value=t_min * tps, unit=""),
-                 dict(experiment="fast_path", variant=name, metric="same_tokens_as_plain", value=int(same), unit="")]
-    tps = {r["variant"]: r["value"] for r in rows if r["metric"] == "tokens_per_second"}
-    best_ours = max(v for k, v in tps.items() if k.startswith("ours: fast"))
-    rows.append(dict(experiment="fast_path", variant="roofline", metric="tokens_per_second", value=1 / t_min,
-                     unit="tok/s"))
-    rows.append(dict(experiment="fast_path", variant="ours: fast path (best)", metric="speedup_vs_plain",
-                     value=best_ours / tps["ours: plain generate (ch. 9)"], unit="x"))
+        for metric, value, unit in (("tokens_per_second", tps[name], "tok/s"),
+                                    ("achieved_bandwidth", w * tps[name], "B/s"),
+                                    ("roofline_fraction", t_min * tps[name], ""),
+                                    ("same_tokens_as_plain", int(torch.equal(fn(), ref)), "")):
+            rows.append(result_row("fast_path", metric, value, name, unit=unit, **where))
+    rows.append(result_row("fast_path", "tokens_per_second", 1 / t_min, "roofline", unit="tok/s", **where))
+    best = max(v for k, v in tps.items() if k.startswith("ours: fast"))
+    rows.append(result_row("fast_path", "speedup_vs_plain", best / tps["ours: plain generate (ch. 9)"],
+                           "ours: fast path (best)", unit="x", **where))
     hf_tps = [v for k, v in tps.items() if k.startswith("transformers")]
     if hf_tps:
-        rows.append(dict(experiment="fast_path", variant="ours: fast path (best)",
-                         metric="speedup_vs_best_transformers", value=best_ours / max(hf_tps), unit="x"))
-    for r in rows:
-        r.update(context=prompt_len + new_tokens, shape=shape_str(cfg))
+        rows.append(result_row("fast_path", "speedup_vs_best_transformers", best / max(hf_tps),
+                               "ours: fast path (best)", unit="x", **where))
     return rows
 
 
-# %% notebooks/11_benchmarks.ipynb cell 50
+# %% notebooks/11_benchmarks.ipynb cell 54
 @dataclasses.dataclass
 class BenchSettings:
     kv_contexts: tuple  # contexts where the cache is allocated and measured
@@ -315,72 +321,85 @@ SETTINGS = {
 }
 
 
-# %% notebooks/11_benchmarks.ipynb cell 51
+# %% notebooks/11_benchmarks.ipynb cell 56
+def bench_model(cfg, dtype, device, checkpoint=None) -> Qwen3Model:
+    """The checkpoint's weights when given, else random weights of shape cfg."""
+    return load_model(checkpoint, dtype, device) if checkpoint else random_model(cfg, dtype, device)
+
+
+def kv_bytes_rows(cfg, device, dtype, contexts) -> list:
+    """Bytes per token at Qwen3-0.6B's shape in bf16 (computed); at cfg's shape computed and measured."""
+    rows = [result_row("kv_bytes", "bytes_per_token", kv_bytes_per_token(c, torch.bfloat16), n,
+                       "Qwen3-0.6B bf16 " + shape_str(c), unit="B")
+            for n, c in attention_variants(bench_config(small=False)).items()]
+    for n, c in attention_variants(cfg).items():
+        rows.append(result_row("kv_bytes", "bytes_per_token", kv_bytes_per_token(c, dtype), n, shape_str(c), unit="B"))
+        for ctx in contexts:
+            rows += [result_row("kv_bytes", "computed", kv_cache_bytes(c, ctx, dtype=dtype), n, shape_str(c), ctx, "B"),
+                     result_row("kv_bytes", "measured", measure_kv_cache_bytes(c, ctx, dtype, device), n, shape_str(c),
+                                ctx, "B")]
+    return rows
+
+
+# %% notebooks/11_benchmarks.ipynb cell 57
+def decode_latency_rows(cfg, device, dtype, contexts, bandwidth, warmup, repeats, checkpoint=None) -> list:
+    """Seconds per decode step of MHA, GQA and MQA at every context, timed in one round-robin, with the roofline."""
+    variants = attention_variants(cfg)
+    models = {n: bench_model(c, dtype, device, checkpoint) for n, c in variants.items() if not checkpoint or n == "GQA"}
+    steps = {(n, L): step for n, m in models.items() for L, step in decode_steps(m, contexts).items()}
+    seconds = time_calls(steps, device, warmup, repeats)
+    rows = []
+    for (n, L), s in seconds.items():
+        c = variants[n]
+        t_min = roofline_seconds(weight_bytes_per_token(models[n]), kv_cache_bytes(c, L, dtype=dtype), bandwidth)
+        for metric, value, unit in (("seconds_per_token", s, "s"), ("roofline_seconds", t_min, "s"),
+                                    ("roofline_fraction", t_min / s, "")):
+            rows.append(result_row("decode_latency", metric, value, n, shape_str(c), L, unit))
+    return rows
+
+
+def cache_vs_nocache_rows(model, prompt_len, new_tokens, repeats) -> tuple:
+    """(rows of totals, last-token times and speedup; the per-token series for the plot)."""
+    cvn = cache_vs_nocache(model, prompt_len, new_tokens, repeats=repeats)
+    shape, rows = shape_str(model.config), []
+    for name in ("cache", "no_cache"):
+        rows += [result_row("cache_vs_nocache", "total_seconds", cvn[f"total_{name}"], name, shape, prompt_len, "s"),
+                 result_row("cache_vs_nocache", "last_token_seconds", cvn[name][-1], name, shape, prompt_len, "s")]
+    rows.append(result_row("cache_vs_nocache", "speedup", cvn["speedup"], "no_cache / cache", shape, prompt_len, "x"))
+    return rows, {"prompt_len": prompt_len, "cache": cvn["cache"], "no_cache": cvn["no_cache"]}
+
+
+# %% notebooks/11_benchmarks.ipynb cell 58
 def run_benchmarks(cfg, device, dtype, settings: BenchSettings, compile=False, with_hf=True, checkpoint=None,
                    log=print) -> dict:
     """Every measurement of the chapter; returns {"meta": ..., "rows": [...], "series": {...}}."""
-    device = torch.device(device)
-    rows, series = [], {}
-    start = time.perf_counter()
+    device, start = torch.device(device), time.perf_counter()
 
-    def add(**r):
-        rows.append(dict(dict(variant="", shape="", context=None, unit=""), **r))
+    def elapsed():
+        return f"({time.perf_counter() - start:.0f} s)"
 
-    variants = attention_variants(cfg)
-    for n, c in attention_variants(bench_config(small=False)).items():  # the formula at Qwen3-0.6B's real shape
-        add(experiment="kv_bytes", variant=n, shape="Qwen3-0.6B bf16 " + shape_str(c), metric="bytes_per_token",
-            value=kv_bytes_per_token(c, torch.bfloat16), unit="B")
-    for n, c in variants.items():
-        add(experiment="kv_bytes", variant=n, shape=shape_str(c), metric="bytes_per_token",
-            value=kv_bytes_per_token(c, dtype), unit="B")
-        for ctx in settings.kv_contexts:
-            add(experiment="kv_bytes", variant=n, shape=shape_str(c), context=ctx, metric="computed",
-                value=kv_cache_bytes(c, ctx, dtype=dtype), unit="B")
-            add(experiment="kv_bytes", variant=n, shape=shape_str(c), context=ctx, metric="measured",
-                value=measure_kv_cache_bytes(c, ctx, dtype, device), unit="B")
-    log(f"kv bytes: done ({time.perf_counter() - start:.0f} s)")
-
+    rows = kv_bytes_rows(cfg, device, dtype, settings.kv_contexts)
+    log(f"kv bytes: done {elapsed()}")
     bw = measure_bandwidth(device, settings.bandwidth_mib * 2**20, settings.repeats)
-    add(experiment="bandwidth", metric="copy_bandwidth", value=bw, unit="B/s")
+    rows.append(result_row("bandwidth", "copy_bandwidth", bw, unit="B/s"))
     log(f"bandwidth: {bw / 1e9:.1f} GB/s")
-
-    # a checkpoint has one K: then only "GQA" (its own) is measured; the other variants need random weights
-    models = {n: load_model(checkpoint, dtype, device) if checkpoint else random_model(c, dtype, device)
-              for n, c in variants.items() if not checkpoint or n == "GQA"}
-    steps = {(n, L): step for n, m in models.items() for L, step in decode_steps(m, settings.contexts).items()}
-    seconds = time_calls(steps, device, settings.warmup, settings.repeats)  # all variants and contexts in turn
-    del steps
-    for (n, L), s in seconds.items():
-        c = variants[n]
-        t_min = roofline_seconds(weight_bytes_per_token(models[n]), kv_cache_bytes(c, L, dtype=dtype), bw)
-        add(experiment="decode_latency", variant=n, shape=shape_str(c), context=L, metric="seconds_per_token",
-            value=s, unit="s")
-        add(experiment="decode_latency", variant=n, shape=shape_str(c), context=L, metric="roofline_seconds",
-            value=t_min, unit="s")
-        add(experiment="decode_latency", variant=n, shape=shape_str(c), context=L, metric="roofline_fraction",
-            value=t_min / s)
-    log(f"decode latency: done ({time.perf_counter() - start:.0f} s)")
-    del models
-
-    model = load_model(checkpoint, dtype, device) if checkpoint else random_model(cfg, dtype, device)
-    cvn = cache_vs_nocache(model, settings.prompt_len, settings.new_tokens, repeats=min(3, settings.repeats))
-    series["cache_vs_nocache"] = {"prompt_len": settings.prompt_len, "cache": cvn["cache"], "no_cache": cvn["no_cache"]}
-    for name in ("cache", "no_cache"):
-        add(experiment="cache_vs_nocache", variant=name, shape=shape_str(cfg), context=settings.prompt_len,
-            metric="total_seconds", value=cvn[f"total_{name}"], unit="s")
-        add(experiment="cache_vs_nocache", variant=name, shape=shape_str(cfg), context=settings.prompt_len,
-            metric="last_token_seconds", value=cvn[name][-1], unit="s")
-    add(experiment="cache_vs_nocache", variant="no_cache / cache", shape=shape_str(cfg), context=settings.prompt_len,
-        metric="speedup", value=cvn["speedup"], unit="x")
-    log(f"cache vs no cache: {cvn['speedup']:.1f}x ({time.perf_counter() - start:.0f} s)")
-
+    rows += decode_latency_rows(cfg, device, dtype, settings.contexts, bw, settings.warmup, settings.repeats,
+                                checkpoint)
+    log(f"decode latency: done {elapsed()}")
+    model = bench_model(cfg, dtype, device, checkpoint)
+    cvn_rows, series = cache_vs_nocache_rows(model, settings.prompt_len, settings.new_tokens, min(3, settings.repeats))
+    rows += cvn_rows
+    log(f"cache vs no cache: {cvn_rows[-1]['value']:.1f}x {elapsed()}")
     rows += fast_path_rows(model, settings.fast_prompt_len, settings.fast_new_tokens, bw, compile, with_hf,
                            settings.warmup, min(5, settings.repeats))
-    log(f"fast path: done ({time.perf_counter() - start:.0f} s)")
-    return {"meta": bench_meta(cfg, device, dtype, settings, compile, checkpoint), "rows": rows, "series": series}
+    log(f"fast path: done {elapsed()}")
+    return {"meta": bench_meta(cfg, device, dtype, settings, compile, checkpoint), "rows": rows,
+            "series": {"cache_vs_nocache": series}}
 
 
+# %% notebooks/11_benchmarks.ipynb cell 59
 def bench_meta(cfg, device, dtype, settings, compile, checkpoint) -> dict:
+    """What the numbers depend on: device, dtype, versions, shapes, settings, and where the weights came from."""
     try:
         import transformers
         hf_version = transformers.__version__
@@ -396,7 +415,7 @@ def bench_meta(cfg, device, dtype, settings, compile, checkpoint) -> dict:
             "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv)}
 
 
-# %% notebooks/11_benchmarks.ipynb cell 52
+# %% notebooks/11_benchmarks.ipynb cell 60
 CSV_FIELDS = ["device", "device_name", "dtype", "torch", "experiment", "variant", "shape", "context", "metric",
               "value", "unit"]
 
@@ -416,8 +435,9 @@ def write_results(results: dict, out_dir, stem: str) -> tuple:
     return json_path, csv_path
 
 
-# %% notebooks/11_benchmarks.ipynb cell 54
-def _rows(results, experiment, metric, variant=None):
+# %% notebooks/11_benchmarks.ipynb cell 62
+def _select(results, experiment, metric, variant=None):
+    """The rows of one experiment and metric (and variant, if given)."""
     return [r for r in results["rows"] if r["experiment"] == experiment and r["metric"] == metric
             and (variant is None or r["variant"] == variant)]
 
@@ -430,25 +450,27 @@ def _plain_numbers(ax, *axes, minor=False):
         axis.set_minor_formatter(ScalarFormatter() if minor else NullFormatter())
 
 
-def _title(results, what):
+def _title(results, what):  # every figure names the device and dtype it was measured with
     m = results["meta"]
     return f"{what}\n{m['device_name']}, {m['dtype']}"
 
 
+# %% notebooks/11_benchmarks.ipynb cell 64
 def plot_kv_bytes(results):
     import matplotlib.pyplot as plt
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    real = [r for r in _rows(results, "kv_bytes", "bytes_per_token") if r["shape"].startswith("Qwen3-0.6B")]
+    real = [r for r in _select(results, "kv_bytes", "bytes_per_token") if r["shape"].startswith("Qwen3-0.6B")]
     bars = a1.bar([r["variant"] for r in real], [r["value"] / 1024 for r in real], color=["C0", "C1", "C2"])
     a1.bar_label(bars, [f"{r['value']:,} B" for r in real])
     a1.set(ylabel="KiB per token", title="Qwen3-0.6B shape, bf16 (computed)", ylim=(0, real[0]["value"] / 1024 * 1.15))
     for i, n in enumerate(("MHA", "GQA", "MQA")):
-        comp, meas = _rows(results, "kv_bytes", "computed", n), _rows(results, "kv_bytes", "measured", n)
+        comp, meas = _select(results, "kv_bytes", "computed", n), _select(results, "kv_bytes", "measured", n)
         a2.plot([r["context"] for r in comp], [r["value"] / 2**20 for r in comp], color=f"C{i}", label=f"{n} computed")
         a2.plot([r["context"] for r in meas], [r["value"] / 2**20 for r in meas], "x", color=f"C{i}", ms=9,
                 label=f"{n} measured")
-    a2.set(xscale="log", xlabel="context (tokens)", ylabel="MiB", title=f"benchmark shape: {results['meta']['kv_measure']}")
-    a2.set_xticks(sorted({r["context"] for r in _rows(results, "kv_bytes", "measured")}))
+    a2.set(xscale="log", xlabel="context (tokens)", ylabel="MiB",
+           title=f"benchmark shape: {results['meta']['kv_measure']}")
+    a2.set_xticks(sorted({r["context"] for r in _select(results, "kv_bytes", "measured")}))
     _plain_numbers(a2, "x")
     a2.legend(fontsize=7)
     fig.suptitle(_title(results, "KV-cache bytes: MHA vs GQA vs MQA"))
@@ -456,16 +478,20 @@ def plot_kv_bytes(results):
     return fig
 
 
+# %% notebooks/11_benchmarks.ipynb cell 66
 def plot_decode_latency(results):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     for i, n in enumerate(("MHA", "GQA", "MQA")):
-        meas, roof = _rows(results, "decode_latency", "seconds_per_token", n), _rows(results, "decode_latency", "roofline_seconds", n)
+        meas = _select(results, "decode_latency", "seconds_per_token", n)
+        roof = _select(results, "decode_latency", "roofline_seconds", n)
         if meas:
-            ax.plot([r["context"] for r in meas], [r["value"] * 1e3 for r in meas], "o-", color=f"C{i}", label=f"{n} measured")
-            ax.plot([r["context"] for r in roof], [r["value"] * 1e3 for r in roof], "--", color=f"C{i}", label=f"{n} roofline")
+            ax.plot([r["context"] for r in meas], [r["value"] * 1e3 for r in meas], "o-", color=f"C{i}",
+                    label=f"{n} measured")
+            ax.plot([r["context"] for r in roof], [r["value"] * 1e3 for r in roof], "--", color=f"C{i}",
+                    label=f"{n} roofline")
     ax.set(xscale="log", xlabel="context L (tokens in the cache)", ylabel="ms per decode step", ylim=(0, None))
-    ax.set_xticks(sorted({r["context"] for r in _rows(results, "decode_latency", "seconds_per_token")}))
+    ax.set_xticks(sorted({r["context"] for r in _select(results, "decode_latency", "seconds_per_token")}))
     _plain_numbers(ax, "x")
     ax.legend(fontsize=7, ncol=2)
     ax.set_title(_title(results, "Decode latency vs context (batch 1)"), fontsize=10)
@@ -473,19 +499,16 @@ def plot_decode_latency(results):
     return fig
 
 
+# %% notebooks/11_benchmarks.ipynb cell 68
 def plot_cache_vs_nocache(results):
     import matplotlib.pyplot as plt
     s = results["series"]["cache_vs_nocache"]
-    speedup = _rows(results, "cache_vs_nocache", "speedup")[0]["value"]
+    speedup = _select(results, "cache_vs_nocache", "speedup")[0]["value"]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
     for name, label in (("cache", "KV cache"), ("no_cache", "no cache")):
         steps = range(1, len(s[name]) + 1)
         a1.plot(list(steps)[1:], [t * 1e3 for t in s[name][1:]], label=label)  # token 1 includes the prefill
-        total, acc = [], 0.0
-        for t in s[name]:
-            acc += t
-            total.append(acc)
-        a2.plot(list(steps), total, label=label)
+        a2.plot(list(steps), list(itertools.accumulate(s[name])), label=label)
     a1.set(xlabel="generated token", ylabel="ms for this token", title="per token: flat vs growing")
     a2.set(xlabel="tokens generated", ylabel="total seconds", title=f"total: linear vs quadratic ({speedup:.1f}x)")
     a1.legend(), a2.legend()
@@ -494,22 +517,23 @@ def plot_cache_vs_nocache(results):
     return fig
 
 
+# %% notebooks/11_benchmarks.ipynb cell 70
 def plot_roofline(results):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(9, 4))
     for i, n in enumerate(("MHA", "GQA", "MQA")):
-        meas = _rows(results, "decode_latency", "seconds_per_token", n)
-        roof = _rows(results, "decode_latency", "roofline_seconds", n)
+        meas = _select(results, "decode_latency", "seconds_per_token", n)
+        roof = _select(results, "decode_latency", "roofline_seconds", n)
         if meas:
             ax.plot([r["value"] * 1e3 for r in roof], [r["value"] * 1e3 for r in meas], "o", color=f"C{i}",
                     label=f"{n} decode step (plain)")
-    limit = _rows(results, "fast_path", "tokens_per_second", "roofline")[0]["value"]
-    for j, r in enumerate(x for x in _rows(results, "fast_path", "tokens_per_second") if x["variant"] != "roofline"):
+    limit = _select(results, "fast_path", "tokens_per_second", "roofline")[0]["value"]
+    for j, r in enumerate(x for x in _select(results, "fast_path", "tokens_per_second") if x["variant"] != "roofline"):
         ax.plot(1e3 / limit, 1e3 / r["value"], "s", color=f"C{3 + j}", label=f"{r['variant']} (per token)")
     lo, hi = ax.get_xlim()
     ax.plot([lo, hi], [lo, hi], "k:", label="at the roofline (100%)")
     ax.plot([lo, hi], [lo * 10, hi * 10], color="gray", ls=":", lw=0.8, label="10% of the roofline")
-    bw = _rows(results, "bandwidth", "copy_bandwidth")[0]["value"]
+    bw = _select(results, "bandwidth", "copy_bandwidth")[0]["value"]
     ax.set(xscale="log", yscale="log", xlabel="roofline ms = (weight + KV bytes) / bandwidth", ylabel="measured ms")
     _plain_numbers(ax, "x", minor=True)
     _plain_numbers(ax, "y")
@@ -519,11 +543,12 @@ def plot_roofline(results):
     return fig
 
 
+# %% notebooks/11_benchmarks.ipynb cell 72
 def plot_fast_path(results):
     import matplotlib.pyplot as plt
-    tps = [r for r in _rows(results, "fast_path", "tokens_per_second") if r["variant"] != "roofline"]
-    frac = {r["variant"]: r["value"] for r in _rows(results, "fast_path", "roofline_fraction")}
-    limit = _rows(results, "fast_path", "tokens_per_second", "roofline")[0]["value"]
+    tps = [r for r in _select(results, "fast_path", "tokens_per_second") if r["variant"] != "roofline"]
+    frac = {r["variant"]: r["value"] for r in _select(results, "fast_path", "roofline_fraction")}
+    limit = _select(results, "fast_path", "tokens_per_second", "roofline")[0]["value"]
     fig, ax = plt.subplots(figsize=(7.5, 0.5 * len(tps) + 1.6))
     bars = ax.barh([r["variant"] for r in tps], [r["value"] for r in tps],
                    color=["C0" if r["variant"].startswith("ours") else "C7" for r in tps])
@@ -537,6 +562,7 @@ def plot_fast_path(results):
     return fig
 
 
+# %% notebooks/11_benchmarks.ipynb cell 74
 PLOTS = {"11_kv_bytes": plot_kv_bytes, "11_decode_latency": plot_decode_latency,
          "11_cache_vs_nocache": plot_cache_vs_nocache, "11_roofline": plot_roofline, "11_fast_path": plot_fast_path}
 
@@ -551,7 +577,7 @@ def save_plots(results, folder=None) -> list:
     return paths
 
 
-# %% notebooks/11_benchmarks.ipynb cell 56
+# %% notebooks/11_benchmarks.ipynb cell 76
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m qwen3_scratch.bench", description=__doc__)
     ap.add_argument("--device", default=None, help="cuda / cpu / mps (default: cuda if available)")
@@ -599,12 +625,11 @@ def main(argv=None) -> dict:
     return results
 
 
-def _checkpoint_config(checkpoint):
-    path = Path(checkpoint)
-    if path.is_dir():
-        return Qwen3Config.from_hf(path)
-    from huggingface_hub import hf_hub_download
-    return Qwen3Config.from_hf(hf_hub_download(str(checkpoint), "config.json"))
+# %% notebooks/11_benchmarks.ipynb cell 78
+def _checkpoint_config(checkpoint) -> Qwen3Config:
+    """The shape of a checkpoint folder, preset name or Hub id, found (or downloaded) by chapter 8's resolver."""
+    from qwen3_scratch.weights import read_config, resolve_checkpoint
+    return read_config(resolve_checkpoint(checkpoint))[0]
 
 
 def print_summary(results) -> None:

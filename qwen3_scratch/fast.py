@@ -2,7 +2,8 @@
 # Edit the notebook, then run `python tools/nb.py export`.
 """A fast decode path in the style of gpt-fast: a static KV cache with fixed shapes written at `input_pos`,
 attention over the whole buffer under a mask, and a decode step that torch.compile can capture as a CUDA graph.
-It reuses the model's own blocks; only the cache and the loop are new. Reference: pytorch-labs/gpt-fast."""
+It reuses the model's own blocks; only the cache and the loop are new. Reference: pytorch-labs/gpt-fast.
+Legend: B batch, T new tokens, K kv heads, Dh head_dim, V vocab, max_len the static cache's slots."""
 
 __all__ = ['StaticKVCache', 'setup_static_cache', 'forward_static', 'prefill', 'decode_one_token', 'compiled_decode_one_token', 'fast_generate']
 
@@ -12,7 +13,7 @@ import warnings
 
 import torch
 
-from qwen3_scratch.generate import sample_next
+from qwen3_scratch.generate import StopTokens, check_generate_args, sample_next
 
 
 # %% notebooks/11_benchmarks.ipynb cell 37
@@ -52,7 +53,8 @@ class StaticKVCache:
 
 # %% notebooks/11_benchmarks.ipynb cell 41
 def setup_static_cache(model, batch_size, max_len):
-    """Register (or reuse) `model.static_cache`: reused when batch size, dtype and device match and it is long enough."""
+    """Register (or reuse) `model.static_cache`: reused when batch size, dtype and device match and it is long
+    enough, so that a compiled step keeps seeing the same buffers."""
     cache, p = getattr(model, "static_cache", None), next(model.parameters())
     if (cache is None or cache.batch_size != batch_size or cache.max_len < max_len or cache.dtype != p.dtype
             or cache.k[0].device != p.device):
@@ -102,11 +104,8 @@ def fast_generate(model, input_ids, max_new_tokens, compile=False, temperature=0
     """input_ids (B, T), rows of equal length (no padding) -> (B, T + n), the same tokens as chapter 9's
     generate. compile: run the decode step through torch.compile (CUDA graphs on a GPU). max_len: the static
     cache length (default: prompt + new tokens, rounded up to a multiple of 256)."""
-    B, T = input_ids.shape
-    limit = model.config.max_position_embeddings
-    if T + max_new_tokens > limit:
-        raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds max_position_embeddings={limit}")
-    need = T + max_new_tokens
+    B, T = check_generate_args(model, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    need, limit = T + max_new_tokens, model.config.max_position_embeddings
     if max_len is not None and max_len < need:
         raise ValueError(f"max_len ({max_len}) is shorter than prompt + max_new_tokens ({need})")
     cache = setup_static_cache(model, B, max_len or min(-(-need // 256) * 256, limit))  # round up: fewer re-captures
@@ -117,27 +116,18 @@ def fast_generate(model, input_ids, max_new_tokens, compile=False, temperature=0
         step = compiled_decode_one_token(backend, mode)
     graphs = compile and step is not decode_one_token and input_ids.device.type == "cuda" and mode == "reduce-overhead"
     device = input_ids.device
-    stop = torch.tensor([] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int)
-                        else list(eos_token_id), dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)  # rows that have met a stop token
-    pad = torch.zeros(B, dtype=torch.long, device=device)  # what a finished row emits from then on
+    stops = StopTokens(eos_token_id, B, device, pad_token_id)  # chapter 9's rules for finished rows
     logits = prefill(model, input_ids, torch.arange(T, device=device))  # (B, V)
-    input_pos = torch.tensor([T], device=device)
+    input_pos = torch.tensor([T], device=device)  # (1,): a tensor, so the compiled step sees no new constant
     out = []
     for i in range(max_new_tokens):
         if i:
             if graphs:
                 torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs may be overwritten now
-            logits = step(model, out[-1][:, None], input_pos)
+            logits = step(model, out[-1][:, None], input_pos)  # (B, V)
             input_pos += 1
-        nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,): a new tensor, safe to keep
-        if stop.numel():  # as in chapter 9: a finished row repeats its stop token (or pad_token_id)
-            nxt = torch.where(done, pad, nxt)
-            newly = torch.isin(nxt, stop) & ~done
-            pad = torch.where(newly, nxt if pad_token_id is None else torch.full_like(nxt, pad_token_id), pad)
-            done |= newly
-        out.append(nxt)
-        if stop.numel() and done.all():
+        out.append(stops(sample_next(logits, temperature, top_k, top_p, generator)))  # (B,): new tensors, safe to keep
+        if stops.all_done:
             break
     cache.input_pos = None
     return torch.cat([input_ids, torch.stack(out, dim=1)], dim=1)

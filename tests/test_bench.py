@@ -117,3 +117,17 @@ def test_main_writes_json_csv_and_figures(tmp_path):
     assert {t["device_name"] for t in table} == {meta["device_name"]} and {t["torch"] for t in table} == {torch.__version__}
     assert sorted(p.name for p in figs.iterdir()) == sorted(
         f"11_{n}.png" for n in ("kv_bytes", "decode_latency", "cache_vs_nocache", "roofline", "fast_path"))
+
+
+def test_main_with_a_checkpoint_times_only_its_own_kv_heads(tmp_path):
+    from qwen3_scratch.model import Qwen3Model
+    from qwen3_scratch.weights import save_pretrained
+    torch.manual_seed(0)
+    save_pretrained(Qwen3Model(Qwen3Config(**tiny_kwargs())), tmp_path / "ckpt")
+    res = main(["--quick", "--device", "cpu", "--compile", "off", "--no-hf", "--no-figures",
+                "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path)])
+    assert res["meta"]["weights"] == str(tmp_path / "ckpt") and res["meta"]["config"]["hidden_size"] == 64
+    timed = {r["variant"] for r in res["rows"] if r["experiment"] == "decode_latency"}
+    assert timed == {"GQA"}, "a checkpoint has one number of KV heads: only its own variant can be timed"
+    same = [r["value"] for r in res["rows"] if r["metric"] == "same_tokens_as_plain"]
+    assert same and all(v == 1 for v in same)
