@@ -53,7 +53,8 @@ def device_name(device: torch.device | str | None = None) -> str:
     if device.type == "mps":
         return f"Apple MPS ({platform.machine()})"
     if device.type == "cpu":
-        return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+        n = torch.get_num_threads()
+        return f"CPU ({platform.machine()}, {n} thread{'s' if n != 1 else ''})"
     return str(device)
 
 

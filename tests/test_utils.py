@@ -62,7 +62,7 @@ def test_default_device():
 
 def test_device_name():
     name = device_name("cpu")
-    assert name.startswith("CPU (") and platform.machine() in name and f"{torch.get_num_threads()} threads" in name
+    assert name.startswith("CPU (") and platform.machine() in name and f"{torch.get_num_threads()} thread" in name
     assert device_name(torch.device("cpu")) == name
     assert isinstance(device_name(), str) and device_name()
     if torch.cuda.is_available():
@@ -114,3 +114,10 @@ def test_count_parameters_meta_device():
     with torch.device("meta"):
         model = TinyLM(vocab=1000, dim=64, tie=False)
     assert count_parameters(model) == 2 * 1000 * 64 + 2 * 64
+
+
+def test_device_name_counts_threads_in_good_english(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert device_name("cpu").endswith(", 1 thread)")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    assert device_name("cpu").endswith(", 8 threads)")
