@@ -219,23 +219,19 @@ def roofline_seconds(weight_bytes: int, kv_bytes: int, bandwidth: float) -> floa
 def to_transformers(model: Qwen3Model):
     """The same weights in a transformers Qwen3ForCausalLM (dense models), same device and dtype, SDPA attention."""
     from transformers import Qwen3Config as HFQwen3Config, Qwen3ForCausalLM
+    from qwen3_scratch.weights import checkpoint_name
     cfg = model.config
     if cfg.num_experts:
         raise ValueError("to_transformers ports dense Qwen3 only (num_experts must be 0)")
     p = next(model.parameters())
-    hf_cfg = HFQwen3Config(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, rope_theta=cfg.rope_theta,
-        max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
-        tie_word_embeddings=cfg.tie_word_embeddings, attn_implementation="sdpa")
+    # chapter 07's config.json spelling; no bos/eos: random weights always generate exactly max_new_tokens
+    hf_cfg = HFQwen3Config(**{**cfg.to_hf(), "bos_token_id": None, "eos_token_id": None}, attn_implementation="sdpa")
     with torch.device(p.device):
         hf = Qwen3ForCausalLM(hf_cfg)
     hf.to(p.dtype).eval()
-    state = {k if k == "lm_head.weight" else f"model.{k}": v for k, v in model.state_dict().items()}
+    state = {checkpoint_name(k): v for k, v in model.state_dict().items()}  # chapter 08's name mapping
     hf.load_state_dict(state, strict=True)
     hf.model.rotary_emb.inv_freq = model.rotary.inv_freq.clone()  # fp32, as in ours
-    hf.generation_config.eos_token_id = None  # random weights: always generate exactly max_new_tokens
     hf.generation_config.pad_token_id = 0
     return hf
 
