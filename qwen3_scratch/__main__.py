@@ -1,3 +1,39 @@
-from qwen3_scratch.cli import main
+"""`python -m qwen3_scratch COMMAND ...`: the table of subcommands, each owned by the chapter that builds it.
 
-raise SystemExit(main())
+Hand-written (not generated). An entry names the module whose `main(argv)` runs the command; that module is
+imported only when its command is used, so `chat` never imports the training or serving code. A module whose
+own parser already knows several commands (chapter 9's `cli`: chat and generate) gets the command name too.
+"""
+import sys
+from importlib import import_module
+
+# command: (module, does the module's parser take the command name itself?, one-line help)
+COMMANDS = {
+    "chat": ("qwen3_scratch.cli", True, "interactive chat with a checkpoint (chapter 9)"),
+    "generate": ("qwen3_scratch.cli", True, "continue one prompt and print the new text (chapter 9)"),
+    "bench": ("qwen3_scratch.bench", False, "the chapter 11 benchmarks: results/*.json|csv and figures"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    return ("usage: python -m qwen3_scratch COMMAND [options]   (COMMAND --help for its options)\n\n"
+            "Run Qwen3 built from scratch (qwen3_scratch).\n\ncommands:\n" + "\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        (sys.stdout if argv else sys.stderr).write(usage())
+        return 0 if argv else 2
+    if argv[0] not in COMMANDS:
+        sys.stderr.write(usage() + f"\nerror: unknown command {argv[0]!r}\n")
+        return 2
+    module, takes_name, _ = COMMANDS[argv[0]]
+    status = import_module(module).main(argv if takes_name else argv[1:])
+    return status if isinstance(status, int) else 0  # some mains return their results
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -148,3 +148,15 @@ def test_python_dash_m_entry_point(tmp_path):
                            "--prompt", "x"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.startswith("error:") and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_subcommand_table_lists_every_command_and_dispatches(capsys):
+    from qwen3_scratch import __main__ as entry
+    assert entry.main(["--help"]) == 0
+    listed = capsys.readouterr().out
+    for name in entry.COMMANDS:
+        assert f"  {name} " in listed, f"--help does not list {name}"
+    assert entry.main(["no-such-command"]) == 2
+    assert "unknown command 'no-such-command'" in capsys.readouterr().err
+    assert entry.main([]) == 2
+    assert entry.main(["generate", "--model", "/nonexistent/folder"]) == 2  # cli's parser: --prompt missing
