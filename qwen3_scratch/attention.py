@@ -8,7 +8,7 @@ S keys (cached + new), D hidden, H query heads, K kv heads, G = H / K, Dh head_d
 __all__ = ['causal_mask', 'attention_eager', 'Qwen3Attention']
 
 
-# %% notebooks/04_attention.ipynb cell 10
+# %% notebooks/04_attention.ipynb
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,7 +17,7 @@ from qwen3_scratch.norm import RMSNorm
 from qwen3_scratch.rope import apply_rope
 
 
-# %% notebooks/04_attention.ipynb cell 11
+# %% notebooks/04_attention.ipynb
 def causal_mask(T: int, S: int | None = None, device=None) -> torch.Tensor:
     """Bool (T, S), True where a query may attend a key. The T queries are the *last* T of S positions
     (S > T when earlier keys come from a KV cache): query i sits at position S - T + i."""
@@ -27,7 +27,7 @@ def causal_mask(T: int, S: int | None = None, device=None) -> torch.Tensor:
     return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)  # (T, S)
 
 
-# %% notebooks/04_attention.ipynb cell 29
+# %% notebooks/04_attention.ipynb
 def attention_eager(q, k, v, mask=None):
     """Readable grouped-query attention; the softmax runs in fp32.
     q (B, H, T, Dh); k, v (B, K, S, Dh), H a multiple of K: query head h reads kv head h // (H // K).
@@ -55,7 +55,7 @@ def attention_eager(q, k, v, mask=None):
     return out.view(B, H, T, Dh), probs.view(B, H, T, S)
 
 
-# %% notebooks/04_attention.ipynb cell 44
+# %% notebooks/04_attention.ipynb
 class Qwen3Attention(nn.Module):
     """One Qwen3 self-attention layer: q/k/v projections, per-head QK-norm, RoPE, (cached) grouped-query
     attention, output projection. x (B, T, D) -> (B, T, D). Names match the checkpoints."""

@@ -7,7 +7,7 @@ Outside Jupyter: `python -m qwen3_scratch.bench [--small] [--device cuda] [--out
 __all__ = ['SMALL', 'bench_config', 'attention_variants', 'shape_str', 'kv_bytes_per_token', 'kv_cache_bytes', 'measure_kv_cache_bytes', 'synchronize', 'time_calls', 'time_call', 'random_model', 'load_model', 'decode_steps', 'decode_latency', 'per_token_times', 'cache_vs_nocache', 'measure_bandwidth', 'weight_bytes_per_token', 'roofline_seconds', 'to_transformers', 'generate_paths', 'result_row', 'fast_path_rows', 'BenchSettings', 'SETTINGS', 'bench_model', 'kv_bytes_rows', 'decode_latency_rows', 'cache_vs_nocache_rows', 'run_benchmarks', 'bench_meta', 'CSV_FIELDS', 'write_results', 'plot_kv_bytes', 'plot_decode_latency', 'plot_cache_vs_nocache', 'plot_roofline', 'plot_fast_path', 'PLOTS', 'save_plots', 'main', 'print_summary']
 
 
-# %% notebooks/11_benchmarks.ipynb cell 3
+# %% notebooks/11_benchmarks.ipynb
 import argparse
 import csv
 import dataclasses
@@ -30,7 +30,7 @@ from qwen3_scratch.model import Qwen3Model
 from qwen3_scratch.utils import default_device, device_name, save_figure
 
 
-# %% notebooks/11_benchmarks.ipynb cell 7
+# %% notebooks/11_benchmarks.ipynb
 SMALL = dict(vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=8, num_attention_heads=8,
              num_key_value_heads=4, head_dim=32, max_position_embeddings=8192)
 
@@ -52,7 +52,7 @@ def shape_str(cfg: Qwen3Config) -> str:
             f"Dh{cfg.head_dim} V{cfg.vocab_size}")
 
 
-# %% notebooks/11_benchmarks.ipynb cell 10
+# %% notebooks/11_benchmarks.ipynb
 def kv_bytes_per_token(cfg: Qwen3Config, dtype=torch.bfloat16) -> int:
     """Bytes one token adds to the cache: keys and values (2) for every layer, KV head and head dimension."""
     elem = torch.empty((), dtype=dtype).element_size()
@@ -63,7 +63,7 @@ def kv_cache_bytes(cfg: Qwen3Config, context: int, batch_size: int = 1, dtype=to
     return batch_size * context * kv_bytes_per_token(cfg, dtype)
 
 
-# %% notebooks/11_benchmarks.ipynb cell 15
+# %% notebooks/11_benchmarks.ipynb
 def measure_kv_cache_bytes(cfg: Qwen3Config, context: int, dtype=torch.bfloat16, device="cpu",
                            batch_size: int = 1) -> int:
     """Allocate chapter 9's KVCache for `context` tokens and report its cost: on CUDA the rise of the allocator's
@@ -83,7 +83,7 @@ def measure_kv_cache_bytes(cfg: Qwen3Config, context: int, dtype=torch.bfloat16,
     return used
 
 
-# %% notebooks/11_benchmarks.ipynb cell 18
+# %% notebooks/11_benchmarks.ipynb
 def synchronize(device) -> None:
     device = torch.device(device)
     if device.type == "cuda":
@@ -114,7 +114,7 @@ def time_call(fn, device, warmup: int = 2, repeats: int = 5) -> float:
     return time_calls({"fn": fn}, device, warmup, repeats)["fn"]
 
 
-# %% notebooks/11_benchmarks.ipynb cell 20
+# %% notebooks/11_benchmarks.ipynb
 def random_model(cfg: Qwen3Config, dtype=torch.float32, device="cpu", seed: int = 0) -> Qwen3Model:
     """A Qwen3Model with random weights, built directly on `device` (timing does not care what the numbers are)."""
     torch.manual_seed(seed)
@@ -129,7 +129,7 @@ def load_model(checkpoint, dtype=torch.bfloat16, device="cpu") -> Qwen3Model:
     return load_pretrained(checkpoint, dtype=dtype, device=device)
 
 
-# %% notebooks/11_benchmarks.ipynb cell 22
+# %% notebooks/11_benchmarks.ipynb
 def _rewinding_step(model, cache, token, L):
     @torch.no_grad()
     def step():
@@ -157,7 +157,7 @@ def decode_latency(model: Qwen3Model, contexts, warmup: int = 2, repeats: int = 
     return time_calls(decode_steps(model, contexts, batch_size), device, warmup, repeats)
 
 
-# %% notebooks/11_benchmarks.ipynb cell 26
+# %% notebooks/11_benchmarks.ipynb
 @torch.no_grad()
 def per_token_times(model: Qwen3Model, input_ids, max_new_tokens: int, use_cache: bool = True) -> list:
     """Seconds spent on each generated token (the first one includes the prefill)."""
@@ -193,7 +193,7 @@ def cache_vs_nocache(model: Qwen3Model, prompt_len: int, max_new_tokens: int, re
     return out
 
 
-# %% notebooks/11_benchmarks.ipynb cell 30
+# %% notebooks/11_benchmarks.ipynb
 def measure_bandwidth(device, nbytes: int = 256 * 2**20, repeats: int = 10) -> float:
     """Memory bandwidth in bytes/s: median time of copying a large buffer (n bytes read + n bytes written)."""
     src = torch.ones(nbytes, dtype=torch.uint8, device=device)
@@ -215,7 +215,7 @@ def roofline_seconds(weight_bytes: int, kv_bytes: int, bandwidth: float) -> floa
     return (weight_bytes + kv_bytes) / bandwidth
 
 
-# %% notebooks/11_benchmarks.ipynb cell 33
+# %% notebooks/11_benchmarks.ipynb
 def to_transformers(model: Qwen3Model):
     """The same weights in a transformers Qwen3ForCausalLM (dense models), same device and dtype, SDPA attention."""
     from transformers import Qwen3Config as HFQwen3Config, Qwen3ForCausalLM
@@ -236,7 +236,7 @@ def to_transformers(model: Qwen3Model):
     return hf
 
 
-# %% notebooks/11_benchmarks.ipynb cell 47
+# %% notebooks/11_benchmarks.ipynb
 def generate_paths(model, ids, new_tokens: int, compile=False, with_hf=True) -> dict:
     """{name: a function generating new_tokens greedily after ids (1, T)}: ours plain and fast (eager; compiled if
     asked), transformers' generate (default cache; on CUDA also static cache + compile). Compiled ones warmed up."""
@@ -257,7 +257,7 @@ def generate_paths(model, ids, new_tokens: int, compile=False, with_hf=True) -> 
     return runs
 
 
-# %% notebooks/11_benchmarks.ipynb cell 49
+# %% notebooks/11_benchmarks.ipynb
 def result_row(experiment, metric, value, variant="", shape="", context=None, unit="") -> dict:
     """One measurement in the results' schema: experiment, variant, shape, context, metric, value, unit."""
     return dict(experiment=experiment, variant=variant, shape=shape, context=context, metric=metric, value=value,
@@ -295,7 +295,7 @@ def fast_path_rows(model, prompt_len, new_tokens, bandwidth, compile=False, with
     return rows
 
 
-# %% notebooks/11_benchmarks.ipynb cell 54
+# %% notebooks/11_benchmarks.ipynb
 @dataclasses.dataclass
 class BenchSettings:
     kv_contexts: tuple  # contexts where the cache is allocated and measured
@@ -317,7 +317,7 @@ SETTINGS = {
 }
 
 
-# %% notebooks/11_benchmarks.ipynb cell 56
+# %% notebooks/11_benchmarks.ipynb
 def bench_model(cfg, dtype, device, checkpoint=None) -> Qwen3Model:
     """The checkpoint's weights when given, else random weights of shape cfg."""
     return load_model(checkpoint, dtype, device) if checkpoint else random_model(cfg, dtype, device)
@@ -337,7 +337,7 @@ def kv_bytes_rows(cfg, device, dtype, contexts) -> list:
     return rows
 
 
-# %% notebooks/11_benchmarks.ipynb cell 57
+# %% notebooks/11_benchmarks.ipynb
 def decode_latency_rows(cfg, device, dtype, contexts, bandwidth, warmup, repeats, checkpoint=None) -> list:
     """Seconds per decode step of MHA, GQA and MQA at every context, timed in one round-robin, with the roofline."""
     variants = attention_variants(cfg)
@@ -365,7 +365,7 @@ def cache_vs_nocache_rows(model, prompt_len, new_tokens, repeats) -> tuple:
     return rows, {"prompt_len": prompt_len, "cache": cvn["cache"], "no_cache": cvn["no_cache"]}
 
 
-# %% notebooks/11_benchmarks.ipynb cell 58
+# %% notebooks/11_benchmarks.ipynb
 def run_benchmarks(cfg, device, dtype, settings: BenchSettings, compile=False, with_hf=True, checkpoint=None,
                    log=print) -> dict:
     """Every measurement of the chapter; returns {"meta": ..., "rows": [...], "series": {...}}."""
@@ -393,7 +393,7 @@ def run_benchmarks(cfg, device, dtype, settings: BenchSettings, compile=False, w
             "series": {"cache_vs_nocache": series}}
 
 
-# %% notebooks/11_benchmarks.ipynb cell 59
+# %% notebooks/11_benchmarks.ipynb
 def bench_meta(cfg, device, dtype, settings, compile, checkpoint) -> dict:
     """What the numbers depend on: device, dtype, versions, shapes, settings, and where the weights came from."""
     try:
@@ -411,7 +411,7 @@ def bench_meta(cfg, device, dtype, settings, compile, checkpoint) -> dict:
             "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv)}
 
 
-# %% notebooks/11_benchmarks.ipynb cell 60
+# %% notebooks/11_benchmarks.ipynb
 CSV_FIELDS = ["device", "device_name", "dtype", "torch", "experiment", "variant", "shape", "context", "metric",
               "value", "unit"]
 
@@ -431,7 +431,7 @@ def write_results(results: dict, out_dir, stem: str) -> tuple:
     return json_path, csv_path
 
 
-# %% notebooks/11_benchmarks.ipynb cell 62
+# %% notebooks/11_benchmarks.ipynb
 def _select(results, experiment, metric, variant=None):
     """The rows of one experiment and metric (and variant, if given)."""
     return [r for r in results["rows"] if r["experiment"] == experiment and r["metric"] == metric
@@ -451,7 +451,7 @@ def _title(results, what):  # every figure names the device and dtype it was mea
     return f"{what}\n{m['device_name']}, {m['dtype']}"
 
 
-# %% notebooks/11_benchmarks.ipynb cell 64
+# %% notebooks/11_benchmarks.ipynb
 def plot_kv_bytes(results):
     import matplotlib.pyplot as plt
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -474,7 +474,7 @@ def plot_kv_bytes(results):
     return fig
 
 
-# %% notebooks/11_benchmarks.ipynb cell 66
+# %% notebooks/11_benchmarks.ipynb
 def plot_decode_latency(results):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
@@ -495,7 +495,7 @@ def plot_decode_latency(results):
     return fig
 
 
-# %% notebooks/11_benchmarks.ipynb cell 68
+# %% notebooks/11_benchmarks.ipynb
 def plot_cache_vs_nocache(results):
     import matplotlib.pyplot as plt
     s = results["series"]["cache_vs_nocache"]
@@ -513,7 +513,7 @@ def plot_cache_vs_nocache(results):
     return fig
 
 
-# %% notebooks/11_benchmarks.ipynb cell 70
+# %% notebooks/11_benchmarks.ipynb
 def plot_roofline(results):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(9, 4))
@@ -539,7 +539,7 @@ def plot_roofline(results):
     return fig
 
 
-# %% notebooks/11_benchmarks.ipynb cell 72
+# %% notebooks/11_benchmarks.ipynb
 def plot_fast_path(results):
     import matplotlib.pyplot as plt
     tps = [r for r in _select(results, "fast_path", "tokens_per_second") if r["variant"] != "roofline"]
@@ -558,7 +558,7 @@ def plot_fast_path(results):
     return fig
 
 
-# %% notebooks/11_benchmarks.ipynb cell 74
+# %% notebooks/11_benchmarks.ipynb
 PLOTS = {"11_kv_bytes": plot_kv_bytes, "11_decode_latency": plot_decode_latency,
          "11_cache_vs_nocache": plot_cache_vs_nocache, "11_roofline": plot_roofline, "11_fast_path": plot_fast_path}
 
@@ -573,7 +573,7 @@ def save_plots(results, folder=None) -> list:
     return paths
 
 
-# %% notebooks/11_benchmarks.ipynb cell 76
+# %% notebooks/11_benchmarks.ipynb
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m qwen3_scratch.bench", description=__doc__)
     ap.add_argument("--device", default=None, help="cuda / cpu / mps (default: cuda if available)")
@@ -621,7 +621,7 @@ def main(argv=None) -> dict:
     return results
 
 
-# %% notebooks/11_benchmarks.ipynb cell 78
+# %% notebooks/11_benchmarks.ipynb
 def _checkpoint_config(checkpoint) -> Qwen3Config:
     """The shape of a checkpoint folder, preset name or Hub id, found (or downloaded) by chapter 8's resolver."""
     from qwen3_scratch.weights import read_config, resolve_checkpoint

@@ -7,7 +7,7 @@ Errors print one line to stderr and exit with status 1; usage errors exit with 2
 __all__ = ['DTYPES', 'CHAT_HELP', 'build_parser', 'load_model_and_tokenizer', 'sampling_options', 'run_generate', 'run_chat', 'main']
 
 
-# %% notebooks/09_generation.ipynb cell 75
+# %% notebooks/09_generation.ipynb
 import argparse
 import sys
 from pathlib import Path
@@ -22,7 +22,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 CHAT_HELP = "commands: /think (thinking on/off), /reset (forget the conversation), /exit (or Ctrl-D)"
 
 
-# %% notebooks/09_generation.ipynb cell 76
+# %% notebooks/09_generation.ipynb
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m qwen3_scratch",
                                      description="Run a Qwen3 model built from scratch (qwen3_scratch).")
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# %% notebooks/09_generation.ipynb cell 78
+# %% notebooks/09_generation.ipynb
 def load_model_and_tokenizer(name, device=None, dtype=None, source="auto"):
     """(Qwen3Model, Qwen3Tokenizer) for a checkpoint folder, repo id or preset (chapter 8): the tokenizer from
     the folder when it has a tokenizer.json, else the copy bundled with this package."""
@@ -72,7 +72,7 @@ def sampling_options(args, enable_thinking, greedy_default) -> dict:
     return {**base, **given}
 
 
-# %% notebooks/09_generation.ipynb cell 79
+# %% notebooks/09_generation.ipynb
 def _generator(model, seed):
     if seed is None:
         return None
@@ -106,7 +106,7 @@ def run_generate(args, stdin, out) -> int:
     return 0
 
 
-# %% notebooks/09_generation.ipynb cell 81
+# %% notebooks/09_generation.ipynb
 def _read_line(stdin, interactive):
     """The next message, or None at the end of the input (Ctrl-D)."""
     try:
@@ -151,7 +151,7 @@ def run_chat(args, stdin, out) -> int:
         out.flush()
 
 
-# %% notebooks/09_generation.ipynb cell 83
+# %% notebooks/09_generation.ipynb
 def main(argv=None, stdin=None, stdout=None, stderr=None) -> int:
     """The `python -m qwen3_scratch` entry point. Returns the exit status: 0 ok, 1 error, 2 usage, 130 Ctrl-C."""
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr

@@ -7,14 +7,14 @@ Reference: the config.json files of the Qwen/Qwen3-* repositories on the Hugging
 __all__ = ['Qwen3Config', 'PRESETS', 'HF_REPOS', 'preset_name']
 
 
-# %% notebooks/07_model.ipynb cell 4
+# %% notebooks/07_model.ipynb
 import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 
-# %% notebooks/07_model.ipynb cell 5
+# %% notebooks/07_model.ipynb
 @dataclass
 class Qwen3Config:
     """Every number that shapes a Qwen3 (dense) or Qwen3-MoE decoder. Field names are config.json's keys;
@@ -108,7 +108,7 @@ class Qwen3Config:
         return cls(**{**PRESETS[preset_name(name)], **overrides})
 
 
-# %% notebooks/07_model.ipynb cell 11
+# %% notebooks/07_model.ipynb
 def _dense(D, I, L, H, tied, **extra):
     return {"model_type": "qwen3", "hidden_size": D, "intermediate_size": I, "num_hidden_layers": L,
             "num_attention_heads": H, "num_key_value_heads": 8, "head_dim": 128, "tie_word_embeddings": tied,
@@ -150,7 +150,7 @@ PRESETS = {  # numbers from each repository's config.json; V = 151,936 and Dh = 
 HF_REPOS = {name: f"Qwen/Qwen3-{name}" for name in PRESETS}  # where chapter 8 downloads each one
 
 
-# %% notebooks/07_model.ipynb cell 13
+# %% notebooks/07_model.ipynb
 def preset_name(name: str) -> str:
     """'0.6B', 'Qwen3-0.6B' or 'Qwen/Qwen3-0.6B' (any case) -> the PRESETS key '0.6B'."""
     short = name.split("/")[-1]
@@ -161,7 +161,7 @@ def preset_name(name: str) -> str:
     raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
 
 
-# %% notebooks/07_model.ipynb cell 16
+# %% notebooks/07_model.ipynb
 _HF_DEFAULTS = dict(  # what the reference assumes when config.json leaves a key out
     tie_word_embeddings=False, rope_theta=10_000.0, max_position_embeddings=32_768, rms_norm_eps=1e-6,
     bos_token_id=None, eos_token_id=None)
@@ -182,7 +182,7 @@ def _load_config_json(source) -> tuple[dict, str]:
     return json.loads(path.read_text()), str(path)
 
 
-# %% notebooks/07_model.ipynb cell 18
+# %% notebooks/07_model.ipynb
 def _fields_from_hf(d: dict) -> dict:
     """A config.json dict in either spelling -> Qwen3Config's keyword arguments; refuses what we cannot run."""
     model_type = d.get("model_type")

@@ -8,7 +8,7 @@ Legend: B batch, T new tokens, K kv heads, Dh head_dim, V vocab, max_len the sta
 __all__ = ['StaticKVCache', 'setup_static_cache', 'forward_static', 'prefill', 'decode_one_token', 'compiled_decode_one_token', 'fast_generate']
 
 
-# %% notebooks/11_benchmarks.ipynb cell 36
+# %% notebooks/11_benchmarks.ipynb
 import warnings
 
 import torch
@@ -16,7 +16,7 @@ import torch
 from qwen3_scratch.generate import StopTokens, check_generate_args, sample_next
 
 
-# %% notebooks/11_benchmarks.ipynb cell 37
+# %% notebooks/11_benchmarks.ipynb
 class StaticKVCache:
     """Per layer one key and one value buffer (B, K, max_len, Dh), allocated once, written in place at
     `input_pos`. Blocks call `update(layer_idx, k, v)` and attend to the whole buffer under `mask(input_pos)`."""
@@ -51,7 +51,7 @@ class StaticKVCache:
         return sum(b.nbytes for b in self.k + self.v)
 
 
-# %% notebooks/11_benchmarks.ipynb cell 41
+# %% notebooks/11_benchmarks.ipynb
 def setup_static_cache(model, batch_size, max_len):
     """Register (or reuse) `model.static_cache`: reused when batch size, dtype and device match and it is long
     enough, so that a compiled step keeps seeing the same buffers."""
@@ -85,7 +85,7 @@ def decode_one_token(model, token, input_pos):
     return forward_static(model, token, input_pos)
 
 
-# %% notebooks/11_benchmarks.ipynb cell 43
+# %% notebooks/11_benchmarks.ipynb
 _COMPILED = {}  # one compiled step per (backend, mode): compiling again would start from scratch
 
 

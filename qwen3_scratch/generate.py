@@ -8,7 +8,7 @@ Legend: B batch, T prompt tokens, V vocab. Reference: transformers' GenerationMi
 __all__ = ['check_sampling_args', 'filter_top_k', 'filter_top_p', 'sample_next', 'check_generate_args', 'StopTokens', 'stream_generate', 'generate', 'RECOMMENDED_SAMPLING', 'ChatReply', 'ThinkingSplitter', 'print_stream', 'ChatSession', 'chat']
 
 
-# %% notebooks/09_generation.ipynb cell 25
+# %% notebooks/09_generation.ipynb
 import sys
 from dataclasses import dataclass, field
 
@@ -18,7 +18,7 @@ from qwen3_scratch.kv_cache import KVCache
 from qwen3_scratch.tokenizer import Qwen3Tokenizer, StreamDecoder
 
 
-# %% notebooks/09_generation.ipynb cell 26
+# %% notebooks/09_generation.ipynb
 def check_sampling_args(temperature=0.0, top_k=None, top_p=None):
     """Raise a ValueError naming the first sampling argument that makes no sense."""
     if temperature < 0:
@@ -49,7 +49,7 @@ def filter_top_p(logits, p):
     return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))  # scatter: back to vocab order
 
 
-# %% notebooks/09_generation.ipynb cell 27
+# %% notebooks/09_generation.ipynb
 def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
     """logits (B, V) -> next token ids (B,). temperature == 0: greedy (argmax; top_k/top_p are irrelevant).
     Otherwise divide by the temperature, keep the top_k, then the top_p nucleus, renormalize and draw.
@@ -66,7 +66,7 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
 
 
-# %% notebooks/09_generation.ipynb cell 34
+# %% notebooks/09_generation.ipynb
 def check_generate_args(model, input_ids, max_new_tokens, attention_mask=None, temperature=0.0, top_k=None,
                         top_p=None):
     """Raise a ValueError naming the culprit for what generation cannot do; return (B, T)."""
@@ -97,7 +97,7 @@ def check_generate_args(model, input_ids, max_new_tokens, attention_mask=None, t
     return B, T
 
 
-# %% notebooks/09_generation.ipynb cell 36
+# %% notebooks/09_generation.ipynb
 class StopTokens:
     """Which rows of a batch have finished. eos_token_id: None, a token id or a list of ids. A row that emits
     one is finished and from then on repeats that token (or pad_token_id), so all rows keep the same length;
@@ -128,7 +128,7 @@ class StopTokens:
         return bool(self.ids.numel()) and bool(self.done.all())
 
 
-# %% notebooks/09_generation.ipynb cell 38
+# %% notebooks/09_generation.ipynb
 @torch.no_grad()
 def _decode(model, input_ids, max_new_tokens, temperature, top_k, top_p, stops, use_cache, attention_mask,
             generator):
@@ -149,7 +149,7 @@ def _decode(model, input_ids, max_new_tokens, temperature, top_k, top_p, stops, 
             mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)  # the new token is real in every row
 
 
-# %% notebooks/09_generation.ipynb cell 39
+# %% notebooks/09_generation.ipynb
 def stream_generate(model, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
                     eos_token_id=None, use_cache=True, attention_mask=None, generator=None, pad_token_id=None):
     """Like `generate`, but an iterator that yields each step's new tokens, (B,), as soon as they exist.
@@ -173,7 +173,7 @@ def generate(model, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_
     return torch.cat([input_ids] + [t[:, None] for t in steps], dim=1)
 
 
-# %% notebooks/09_generation.ipynb cell 57
+# %% notebooks/09_generation.ipynb
 RECOMMENDED_SAMPLING = {  # Qwen3's model card, "Best practices"; it advises against greedy decoding when thinking
     True: dict(temperature=0.6, top_k=20, top_p=0.95),  # thinking on
     False: dict(temperature=0.7, top_k=20, top_p=0.8),  # thinking off
@@ -189,7 +189,7 @@ class ChatReply:
     finished: bool = False  # True: the model ended its turn with a stop token; False: max_new_tokens ran out
 
 
-# %% notebooks/09_generation.ipynb cell 59
+# %% notebooks/09_generation.ipynb
 class ThinkingSplitter:
     """Reply token ids in, (channel, text) pieces out, channel 'thinking' between <think> and </think> and
     'answer' elsewhere. The tags and the stop tokens print nothing; the newlines that open a channel are dropped."""
@@ -219,7 +219,7 @@ class ThinkingSplitter:
         return [(self.channel, text)] if text else []
 
 
-# %% notebooks/09_generation.ipynb cell 61
+# %% notebooks/09_generation.ipynb
 def print_stream(pieces, file=None, color=False):
     """Print (channel, text) pieces as they come. color=False shows the thinking between <think> tags as the
     model wrote it; color=True (a terminal) shows it dimmed. Returns the pieces, joined per channel."""
@@ -240,7 +240,7 @@ def print_stream(pieces, file=None, color=False):
     return shown
 
 
-# %% notebooks/09_generation.ipynb cell 63
+# %% notebooks/09_generation.ipynb
 class ChatSession:
     """A multi-turn chat with a Qwen3 model. Keeps the messages, renders them with Qwen3's chat template
     (which drops the thinking of earlier assistant turns), streams each reply and splits it into thinking
@@ -313,7 +313,7 @@ class ChatSession:
         return self.last_reply
 
 
-# %% notebooks/09_generation.ipynb cell 65
+# %% notebooks/09_generation.ipynb
 def chat(model, message, tokenizer=None, enable_thinking=True, display=True, **kwargs) -> ChatReply:
     """One question, one streamed reply: ChatSession(model, ...).send(message). kwargs go to ChatSession."""
     session = ChatSession(model, tokenizer, enable_thinking=enable_thinking, **kwargs)

@@ -8,7 +8,7 @@ Reference: the static caches of gpt-fast and of transformers (StaticCache)."""
 __all__ = ['KVCache']
 
 
-# %% notebooks/09_generation.ipynb cell 10
+# %% notebooks/09_generation.ipynb
 import torch
 
 

@@ -7,13 +7,13 @@ Applied to each token independently; chapter 06 reuses it for every expert. Refe
 __all__ = ['SwiGLU']
 
 
-# %% notebooks/05_swiglu.ipynb cell 14
+# %% notebooks/05_swiglu.ipynb
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-# %% notebooks/05_swiglu.ipynb cell 15
+# %% notebooks/05_swiglu.ipynb
 class SwiGLU(nn.Module):
     """Gated feed-forward: (..., D) -> (..., D) through an inner width I, with 3 * D * I parameters."""
 

@@ -8,7 +8,7 @@ modeling_qwen3.py and modeling_qwen3_moe.py."""
 __all__ = ['Qwen3Block', 'build_mask', 'Qwen3Model', 'count_params']
 
 
-# %% notebooks/07_model.ipynb cell 24
+# %% notebooks/07_model.ipynb
 from contextlib import contextmanager
 
 import torch
@@ -22,7 +22,7 @@ from qwen3_scratch.norm import RMSNorm
 from qwen3_scratch.rope import RotaryEmbedding
 
 
-# %% notebooks/07_model.ipynb cell 25
+# %% notebooks/07_model.ipynb
 class Qwen3Block(nn.Module):
     """One decoder layer, pre-norm: x + attn(norm(x)), then x + mlp(norm(x)). The feed-forward is a SwiGLU,
     or a mixture of experts where cfg.is_moe_layer(layer_idx) says so."""
@@ -46,7 +46,7 @@ class Qwen3Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-# %% notebooks/07_model.ipynb cell 29
+# %% notebooks/07_model.ipynb
 def build_mask(T: int, past: int, attention_mask=None, device=None):
     """Which key slots each of the T new queries may attend: bool (B|1, 1, T, past + T), True = allowed.
     attention_mask (B, >= past + T): 1 for real tokens, 0 for (left) padding. Returns None when plain
@@ -67,7 +67,7 @@ def build_mask(T: int, past: int, attention_mask=None, device=None):
     return mask[:, None]  # (B|1, 1, T, S)
 
 
-# %% notebooks/07_model.ipynb cell 33
+# %% notebooks/07_model.ipynb
 class Qwen3Model(nn.Module):
     """The Qwen3 / Qwen3-MoE decoder: embed_tokens -> layers -> norm -> lm_head (tied to embed_tokens when
     config.tie_word_embeddings). forward(input_ids (B, T)) -> logits (B, T, V)."""
@@ -113,7 +113,7 @@ class Qwen3Model(nn.Module):
         return self.lm_head(self.norm(x))  # (B, T, V)
 
 
-# %% notebooks/07_model.ipynb cell 43
+# %% notebooks/07_model.ipynb
 @contextmanager
 def _skip_init():
     """Meta tensors hold no numbers, so random initialization is wasted work: skip it while building."""

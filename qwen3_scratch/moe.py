@@ -8,7 +8,7 @@ Shapes: B batch, T tokens, N = B*T tokens flattened, D hidden, E experts, A acti
 __all__ = ['Qwen3MoE', 'load_balancing_loss']
 
 
-# %% notebooks/06_moe.ipynb cell 13
+# %% notebooks/06_moe.ipynb
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,7 +16,7 @@ from torch import nn
 from qwen3_scratch.mlp import SwiGLU
 
 
-# %% notebooks/06_moe.ipynb cell 15
+# %% notebooks/06_moe.ipynb
 class Qwen3MoE(nn.Module):
     """Qwen3-MoE feed-forward: a router (`gate`, D -> E) sends each token to `num_experts_per_tok` (A) of
     `num_experts` (E) SwiGLU experts and sums their outputs weighted by the routing weights."""
@@ -77,7 +77,7 @@ class Qwen3MoE(nn.Module):
         return (dense_w[..., None] * all_out).sum(dim=1).view(shape)
 
 
-# %% notebooks/06_moe.ipynb cell 33
+# %% notebooks/06_moe.ipynb
 def load_balancing_loss(router_logits, num_experts: int, top_k: int, attention_mask=None) -> torch.Tensor:
     """Switch-Transformer auxiliary loss E * sum_i f_i * P_i, with transformers' conventions for top-k.
 

@@ -9,12 +9,12 @@ Dh for QK-norm (applied to (B, T, H, Dh) heads)."""
 __all__ = ['RMSNorm']
 
 
-# %% notebooks/02_rmsnorm.ipynb cell 28
+# %% notebooks/02_rmsnorm.ipynb
 import torch
 from torch import nn
 
 
-# %% notebooks/02_rmsnorm.ipynb cell 30
+# %% notebooks/02_rmsnorm.ipynb
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x²) + eps) * weight over the last dimension. `weight` (dim,) starts at ones; no bias."""
 

@@ -9,12 +9,12 @@ Shapes: B batch, T tokens, H heads (query or key/value: RoPE treats them alike),
 __all__ = ['rope_inv_freq', 'RotaryEmbedding', 'rotate_half', 'apply_rope', 'apply_rope_interleaved', 'interleaved_to_halves']
 
 
-# %% notebooks/03_rope.ipynb cell 14
+# %% notebooks/03_rope.ipynb
 import torch
 from torch import nn
 
 
-# %% notebooks/03_rope.ipynb cell 16
+# %% notebooks/03_rope.ipynb
 def rope_inv_freq(head_dim: int, theta: float = 1_000_000.0) -> torch.Tensor:
     """Angular speed of each pair, theta^(-2i/head_dim) for i = 0 .. head_dim/2 - 1: (Dh/2,) float32, rad/token."""
     if head_dim < 2 or head_dim % 2:
@@ -25,7 +25,7 @@ def rope_inv_freq(head_dim: int, theta: float = 1_000_000.0) -> torch.Tensor:
     return 1.0 / (theta ** exponent)
 
 
-# %% notebooks/03_rope.ipynb cell 19
+# %% notebooks/03_rope.ipynb
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for RoPE: forward(position_ids (B, T), dtype) -> cos, sin, each (B, T, Dh).
     Columns j and j + Dh/2 hold the same angle position * inv_freq[j] (split-halves layout)."""
@@ -51,7 +51,7 @@ class RotaryEmbedding(nn.Module):
         return f"head_dim={self.head_dim}, theta={self.theta:g}"
 
 
-# %% notebooks/03_rope.ipynb cell 24
+# %% notebooks/03_rope.ipynb
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """(..., Dh) -> (..., Dh): [x1, x2] -> [-x2, x1] with x1, x2 the two halves of the last dim."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -66,7 +66,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
-# %% notebooks/03_rope.ipynb cell 34
+# %% notebooks/03_rope.ipynb
 def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoFormer's layout, pairs (2i, 2i+1) rotated by inv_freq[i]. NOT what Qwen3 checkpoints expect (they use
     apply_rope); kept for teaching. x (B, H, T, Dh); cos/sin (B, T, Dh) from RotaryEmbedding -> (B, H, T, Dh)."""

@@ -8,7 +8,7 @@ ends a chat turn, `<think>...</think>` holds the reasoning. Reference: `tokenize
 __all__ = ['bundled_tokenizer_dir', 'byte_decoder', 'Qwen3Tokenizer', 'render_chat', 'StreamDecoder']
 
 
-# %% notebooks/01_tokenizer.ipynb cell 18
+# %% notebooks/01_tokenizer.ipynb
 import codecs
 import importlib.util
 import json
@@ -18,7 +18,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 
-# %% notebooks/01_tokenizer.ipynb cell 20
+# %% notebooks/01_tokenizer.ipynb
 def bundled_tokenizer_dir() -> Path:
     """The folder with the tokenizer files shipped inside the package, so that nothing needs downloading."""
     spec = importlib.util.find_spec("qwen3_scratch")  # locate the package without importing it
@@ -40,7 +40,7 @@ def byte_decoder() -> dict[str, int]:
     return table
 
 
-# %% notebooks/01_tokenizer.ipynb cell 23
+# %% notebooks/01_tokenizer.ipynb
 class Qwen3Tokenizer:
     """Qwen3's byte-level BPE tokenizer. `Qwen3Tokenizer()` loads the copy bundled with this package;
     `Qwen3Tokenizer(path)` (or `Qwen3Tokenizer.from_dir(path)`) a checkpoint folder or its tokenizer.json."""
@@ -107,7 +107,7 @@ class Qwen3Tokenizer:
         return self.encode(text) if tokenize else text
 
 
-# %% notebooks/01_tokenizer.ipynb cell 35
+# %% notebooks/01_tokenizer.ipynb
 _ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -133,7 +133,7 @@ def _check_messages(messages) -> None:
             raise ValueError(f"message {i} ({role}): only assistant messages can carry tool_calls")
 
 
-# %% notebooks/01_tokenizer.ipynb cell 37
+# %% notebooks/01_tokenizer.ipynb
 def _tool_call_text(call, i: int) -> str:
     fn = (call.get("function") or call) if isinstance(call, Mapping) else None  # OpenAI style nests under 'function'
     if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str) or "arguments" not in fn:
@@ -154,7 +154,7 @@ def _tools_header(tools, system: str | None) -> str:
             + "<args-json-object>}\n</tool_call><|im_end|>\n")
 
 
-# %% notebooks/01_tokenizer.ipynb cell 39
+# %% notebooks/01_tokenizer.ipynb
 def render_chat(messages, add_generation_prompt: bool = True, enable_thinking: bool = True, tools=None) -> str:
     """Qwen3's chat template (the Jinja in tokenizer_config.json) in plain Python: each turn is
     `<|im_start|>role\\n...<|im_end|>\\n`; assistant turns before the last user query lose their reasoning."""
@@ -204,7 +204,7 @@ def render_chat(messages, add_generation_prompt: bool = True, enable_thinking: b
     return "".join(out)
 
 
-# %% notebooks/01_tokenizer.ipynb cell 54
+# %% notebooks/01_tokenizer.ipynb
 class StreamDecoder:
     """Token ids in, one at a time; printable text out, as soon as it is complete. A character can be split
     across tokens (CJK characters are 3 UTF-8 bytes, emoji 4), so the bytes go through an incremental UTF-8

@@ -6,7 +6,7 @@ and how many parameters a module really has (tied weights counted once)."""
 __all__ = ['figures_dir', 'save_figure', 'default_device', 'device_name', 'env_report', 'print_env', 'count_parameters']
 
 
-# %% notebooks/00_setup.ipynb cell 3
+# %% notebooks/00_setup.ipynb
 import importlib.util
 import platform
 from pathlib import Path
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 
-# %% notebooks/00_setup.ipynb cell 5
+# %% notebooks/00_setup.ipynb
 def figures_dir() -> Path:
     """The repository's `figures/` folder when running from a checkout, else `./figures`."""
     spec = importlib.util.find_spec("qwen3_scratch")  # finds the package without importing it
@@ -35,7 +35,7 @@ def save_figure(fig, name: str, dpi: int = 120, folder: str | Path | None = None
     return path
 
 
-# %% notebooks/00_setup.ipynb cell 9
+# %% notebooks/00_setup.ipynb
 def default_device() -> torch.device:
     """cuda if available, then Apple's mps, else cpu."""
     if torch.cuda.is_available():
@@ -58,7 +58,7 @@ def device_name(device: torch.device | str | None = None) -> str:
     return str(device)
 
 
-# %% notebooks/00_setup.ipynb cell 12
+# %% notebooks/00_setup.ipynb
 def _matmul_works(dtype: torch.dtype, device: torch.device) -> bool:
     try:
         a = torch.ones(8, 8, dtype=dtype, device=device)
@@ -99,7 +99,7 @@ def print_env(device: torch.device | str | None = None) -> None:
         print(f"{key:<{width}}  {value}")
 
 
-# %% notebooks/00_setup.ipynb cell 16
+# %% notebooks/00_setup.ipynb
 def count_parameters(module: nn.Module, unique: bool = True) -> int:
     """Number of parameters; with `unique=True`, tensors shared between submodules count once."""
     params = [p for _, p in module.named_parameters(remove_duplicate=unique)]

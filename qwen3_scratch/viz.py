@@ -8,7 +8,7 @@ K kv heads, T queries, S keys (cached + new; S = T without a cache), L layers.""
 __all__ = ['recording', 'capture_attention', 'load_real_or_tiny', 'plot_attention', 'plot_head_grid', 'attention_entropy', 'sink_share', 'uniform_sink_share', 'head_similarity', 'group_contrast', 'widgets_available', 'attention_explorer']
 
 
-# %% notebooks/10_attention_viz.ipynb cell 4
+# %% notebooks/10_attention_viz.ipynb
 import contextlib
 import math
 import os
@@ -44,7 +44,7 @@ def capture_attention(model, input_ids, layers=None, **forward_kwargs):
         return {i: model.layers[i].self_attn.last_weights.float().cpu() for i in layers}
 
 
-# %% notebooks/10_attention_viz.ipynb cell 13
+# %% notebooks/10_attention_viz.ipynb
 def load_real_or_tiny(repo="Qwen/Qwen3-0.6B", device=None, seed=0):
     """The real checkpoint when a GPU and a cached copy are available, else a small random Qwen3.
     Returns (model, description). Never touches the network."""
@@ -64,7 +64,7 @@ def load_real_or_tiny(repo="Qwen/Qwen3-0.6B", device=None, seed=0):
     return Qwen3Model(cfg).to(device).eval(), "random tiny Qwen3 (6 layers, untrained)"
 
 
-# %% notebooks/10_attention_viz.ipynb cell 19
+# %% notebooks/10_attention_viz.ipynb
 def plot_attention(probs, labels=None, ax=None, title=None, vmax=None):
     """Heatmap of one map (T, S): rows are queries, columns keys."""
     import matplotlib.pyplot as plt  # here, not at the top: the package itself does not require matplotlib
@@ -82,7 +82,7 @@ def plot_attention(probs, labels=None, ax=None, title=None, vmax=None):
     return im
 
 
-# %% notebooks/10_attention_viz.ipynb cell 22
+# %% notebooks/10_attention_viz.ipynb
 def plot_head_grid(layer_probs, labels=None, ncols=4, title=None):
     """Grid of heatmaps for every head of one layer; layer_probs (H, T, S). Returns the figure."""
     import matplotlib.pyplot as plt
@@ -102,7 +102,7 @@ def plot_head_grid(layer_probs, labels=None, ncols=4, title=None):
     return fig
 
 
-# %% notebooks/10_attention_viz.ipynb cell 25
+# %% notebooks/10_attention_viz.ipynb
 def attention_entropy(probs, normalized=True):
     """probs (..., T, S) causal maps -> mean entropy per head (...,), over queries 1..T-1.
     Normalized by log(number of visible keys) so 1 = uniform, 0 = one token."""
@@ -115,7 +115,7 @@ def attention_entropy(probs, normalized=True):
     return ent[..., 1:].mean(-1)
 
 
-# %% notebooks/10_attention_viz.ipynb cell 30
+# %% notebooks/10_attention_viz.ipynb
 def sink_share(probs, sink=0):
     """Mean attention that queries after the sink give to key position `sink`: probs (..., T, S) -> (...,)."""
     return probs[..., sink + 1:, sink].float().mean(-1)
@@ -126,7 +126,7 @@ def uniform_sink_share(T):
     return sum(1 / (t + 1) for t in range(1, T)) / (T - 1)
 
 
-# %% notebooks/10_attention_viz.ipynb cell 33
+# %% notebooks/10_attention_viz.ipynb
 def head_similarity(layer_probs):
     """Cosine similarity between the flattened maps of every pair of heads: (H, T, S) -> (H, H)."""
     flat = torch.nn.functional.normalize(layer_probs.float().flatten(1), dim=-1)
@@ -142,7 +142,7 @@ def group_contrast(layer_probs, num_kv_heads):
     return (sim[same].mean() - sim[group[:, None] != group[None, :]].mean()).item()
 
 
-# %% notebooks/10_attention_viz.ipynb cell 36
+# %% notebooks/10_attention_viz.ipynb
 def widgets_available():
     """True when ipywidgets is installed and we run in a live Jupyter kernel (not CI)."""
     if os.environ.get("CI"):

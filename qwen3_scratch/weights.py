@@ -8,7 +8,7 @@ Reference: the safetensors format (github.com/huggingface/safetensors) and the H
 __all__ = ['CheckpointError', 'read_safetensors_header', 'checkpoint_files', 'checkpoint_name', 'expected_tensors', 'check_tensors', 'choose_dtype', 'load_state_dict_strict', 'HUB_PATTERNS', 'SOURCES', 'preset_repo_id', 'resolve_checkpoint', 'read_config', 'load_pretrained', 'save_pretrained']
 
 
-# %% notebooks/08_weights.ipynb cell 14
+# %% notebooks/08_weights.ipynb
 import json
 import math
 import os
@@ -25,7 +25,7 @@ from qwen3_scratch.model import Qwen3Model
 from qwen3_scratch.rope import RotaryEmbedding, rope_inv_freq
 
 
-# %% notebooks/08_weights.ipynb cell 15
+# %% notebooks/08_weights.ipynb
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded as it is: broken files, or tensors that do not fit the model."""
 
@@ -40,7 +40,7 @@ _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # what a weight of ours may be st
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
 
 
-# %% notebooks/08_weights.ipynb cell 17
+# %% notebooks/08_weights.ipynb
 def read_safetensors_header(path) -> dict:
     """The JSON header of a .safetensors file ({name: {dtype, shape, data_offsets}, "__metadata__": {...}}),
     checked against the file so that a truncated or corrupt file is named before any tensor is read."""
@@ -90,7 +90,7 @@ def read_safetensors_header(path) -> dict:
     return header
 
 
-# %% notebooks/08_weights.ipynb cell 22
+# %% notebooks/08_weights.ipynb
 INDEX_NAME, SINGLE_NAME = "model.safetensors.index.json", "model.safetensors"
 _PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "consolidated.pth")
 
@@ -102,7 +102,7 @@ def _names(names, limit=8) -> str:
     return ", ".join(names[:limit]) + more
 
 
-# %% notebooks/08_weights.ipynb cell 23
+# %% notebooks/08_weights.ipynb
 def checkpoint_files(directory) -> dict[str, Path]:
     """{checkpoint tensor name: the .safetensors file holding it}, from model.safetensors.index.json
     (sharded) or model.safetensors (single file). Checks that index and shards agree."""
@@ -139,7 +139,7 @@ def checkpoint_files(directory) -> dict[str, Path]:
     raise CheckpointError(f"{directory}: no {SINGLE_NAME} or {INDEX_NAME} (found: {', '.join(found) or 'nothing'})")
 
 
-# %% notebooks/08_weights.ipynb cell 26
+# %% notebooks/08_weights.ipynb
 def checkpoint_name(param_name: str) -> str:
     """Our parameter name -> the checkpoint's: 'layers.0.mlp.gate.weight' -> 'model.layers.0.mlp.gate.weight'."""
     return param_name if param_name.startswith("lm_head.") else "model." + param_name
@@ -153,7 +153,7 @@ def expected_tensors(model: torch.nn.Module) -> dict[str, tuple]:
             if not (tied and k == "lm_head.weight")}
 
 
-# %% notebooks/08_weights.ipynb cell 30
+# %% notebooks/08_weights.ipynb
 def check_tensors(expected: dict, found: dict, where="checkpoint") -> None:
     """Compare {name: shape} wanted by the model with {name: (safetensors dtype, shape[, file])} stored in the
     files; raise one CheckpointError naming every unexpected, missing, mis-shaped or unsupported-dtype tensor
@@ -173,7 +173,7 @@ def check_tensors(expected: dict, found: dict, where="checkpoint") -> None:
             f"  {label} ({len(items)}): {_names(items)}" for label, items in problems))
 
 
-# %% notebooks/08_weights.ipynb cell 36
+# %% notebooks/08_weights.ipynb
 _DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                 "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -189,7 +189,7 @@ def _as_dtype(dtype, what="dtype") -> torch.dtype:
     return _DTYPE_NAMES[key]
 
 
-# %% notebooks/08_weights.ipynb cell 38
+# %% notebooks/08_weights.ipynb
 def choose_dtype(dtype, device, config: dict, found: dict | None = None) -> torch.dtype:
     """The dtype to load into. Asked for: that. "auto" or on CUDA: the checkpoint's (config.json's
     torch_dtype/dtype, else the stored tensors'). Otherwise float32 (CPUs are slow and imprecise in bf16)."""
@@ -204,7 +204,7 @@ def choose_dtype(dtype, device, config: dict, found: dict | None = None) -> torc
     return torch.float32
 
 
-# %% notebooks/08_weights.ipynb cell 41
+# %% notebooks/08_weights.ipynb
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -231,7 +231,7 @@ def _materialize_buffers(model: torch.nn.Module, device) -> None:
         raise CheckpointError(f"still on the meta device after loading: {_names(left)}")
 
 
-# %% notebooks/08_weights.ipynb cell 43
+# %% notebooks/08_weights.ipynb
 def load_state_dict_strict(model: Qwen3Model, directory, dtype=None, device=None) -> Qwen3Model:
     """Fill `model` (ideally built on the meta device) from the checkpoint in `directory`, strictly: every stored
     tensor is used, every parameter is filled with the right shape, checked from the headers before loading.
@@ -282,7 +282,7 @@ def load_state_dict_strict(model: Qwen3Model, directory, dtype=None, device=None
     return model
 
 
-# %% notebooks/08_weights.ipynb cell 47
+# %% notebooks/08_weights.ipynb
 HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", INDEX_NAME, "tokenizer.json",
                 "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json"]
 SOURCES = ("auto", "local", "hf", "modelscope")
@@ -308,7 +308,7 @@ def _hub_cache_dir():
     return None
 
 
-# %% notebooks/08_weights.ipynb cell 49
+# %% notebooks/08_weights.ipynb
 def _network_errors() -> tuple:
     """The exception types that mean 'could not reach the Hub, and no cached copy'."""
     from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
@@ -329,7 +329,7 @@ def _no_network(repo_id: str, why: str) -> RuntimeError:
         "and pass that DIR.")
 
 
-# %% notebooks/08_weights.ipynb cell 50
+# %% notebooks/08_weights.ipynb
 def _from_hub(repo_id, revision, cache_dir, local_files_only) -> Path:
     import huggingface_hub
     from huggingface_hub import constants as hub_constants  # a submodule: not an attribute until imported
@@ -360,7 +360,7 @@ def _from_hub(repo_id, revision, cache_dir, local_files_only) -> Path:
     return Path(folder)
 
 
-# %% notebooks/08_weights.ipynb cell 52
+# %% notebooks/08_weights.ipynb
 def _from_modelscope(repo_id, revision, cache_dir) -> Path:
     try:
         import modelscope
@@ -376,7 +376,7 @@ def _from_modelscope(repo_id, revision, cache_dir) -> Path:
     return Path(folder)
 
 
-# %% notebooks/08_weights.ipynb cell 54
+# %% notebooks/08_weights.ipynb
 def resolve_checkpoint(name_or_path, revision=None, source="auto", *, cache_dir=None,
                        local_files_only=None) -> Path:
     """A local checkpoint folder for a directory, a preset name ('0.6B'), or a repo id ('Qwen/Qwen3-0.6B') fetched
@@ -399,7 +399,7 @@ def resolve_checkpoint(name_or_path, revision=None, source="auto", *, cache_dir=
     return _from_hub(repo_id, revision, cache_dir, local_files_only)
 
 
-# %% notebooks/08_weights.ipynb cell 58
+# %% notebooks/08_weights.ipynb
 def read_config(directory) -> tuple[Qwen3Config, dict]:
     """(Qwen3Config, the raw config.json dict) for a checkpoint folder; errors name the file."""
     path = Path(directory) / "config.json"
@@ -420,7 +420,7 @@ def read_config(directory) -> tuple[Qwen3Config, dict]:
         raise CheckpointError(f"{path}: {str(e).removeprefix('config dict: ')}") from None
 
 
-# %% notebooks/08_weights.ipynb cell 60
+# %% notebooks/08_weights.ipynb
 def load_pretrained(name_or_path, dtype=None, device=None, revision=None, source="auto", *,
                     cache_dir=None) -> Qwen3Model:
     """A ready-to-run Qwen3Model (eval mode) from a checkpoint folder, preset name or repo id.
@@ -433,7 +433,7 @@ def load_pretrained(name_or_path, dtype=None, device=None, revision=None, source
     return load_state_dict_strict(model, directory, dtype=dtype, device=device).eval()
 
 
-# %% notebooks/08_weights.ipynb cell 66
+# %% notebooks/08_weights.ipynb
 def _parse_size(size) -> int:
     """Bytes from 123, "5GB" (10**9) or "2GiB" (2**30), for max_shard_size."""
     if isinstance(size, int):
@@ -450,7 +450,7 @@ def _config_json(config: Qwen3Config, dtype: torch.dtype) -> dict:
     return dict(config.to_hf(), torch_dtype=str(dtype).removeprefix("torch."))
 
 
-# %% notebooks/08_weights.ipynb cell 68
+# %% notebooks/08_weights.ipynb
 def save_pretrained(model: Qwen3Model, directory, max_shard_size=None) -> Path:
     """Write config.json + model.safetensors (or shards of at most max_shard_size bytes, e.g. "5GB", plus
     model.safetensors.index.json) in the Hub's format. Returns the directory."""

@@ -114,9 +114,9 @@ def _render(module: str, nb_rel: str, parts) -> str:
     if future:
         text += "\n".join(dict.fromkeys(future)) + "\n"
     text += "\n__all__ = [" + ", ".join(repr(n) for n in dict.fromkeys(names)) + "]\n"
-    for where, body in bodies:
-        if body:
-            text += f"\n\n# %% {where}\n{body}\n"
+    for _where, body in bodies:
+        if body:  # the marker names the notebook, not a cell index, so adding a prose cell changes no module
+            text += f"\n\n# %% {nb_rel}\n{body}\n"
     return text
 
 
