@@ -3,11 +3,12 @@
 """Small helpers shared by every chapter: where figures go, which device to use, what this machine supports,
 and how many parameters a module really has (tied weights counted once)."""
 
-__all__ = ['figures_dir', 'save_figure', 'default_device', 'device_name', 'env_report', 'print_env', 'count_parameters']
+__all__ = ['figures_dir', 'quick_run', 'save_figure', 'default_device', 'device_name', 'env_report', 'print_env', 'count_parameters']
 
 
 # %% notebooks/00_setup.ipynb
 import importlib.util
+import os
 import platform
 from pathlib import Path
 
@@ -24,8 +25,21 @@ def figures_dir() -> Path:
     return repo_figures if repo_figures.is_dir() else Path.cwd() / "figures"
 
 
-def save_figure(fig, name: str, dpi: int = 120, folder: str | Path | None = None) -> Path:
-    """Save a matplotlib figure as `figures/<name>` (PNG unless `name` has another suffix); return its path."""
+def quick_run() -> bool:
+    """True when `QWEN3_SCRATCH_QUICK=1` (the tests and CI set it): chapters that train or time things then run a
+    short, checked version instead of the full one that produced the committed figures and results."""
+    return os.environ.get("QWEN3_SCRATCH_QUICK") == "1"
+
+
+def save_figure(fig, name: str, dpi: int = 120, folder: str | Path | None = None,
+                measured: bool = False) -> Path | None:
+    """Save a matplotlib figure as `figures/<name>` (PNG unless `name` has another suffix); return its path.
+
+    A *measured* figure (timings, a training run) changes from run to run, so it is written into `figures/` only
+    when asked with `QWEN3_SCRATCH_SAVE_FIGURES=1`, or into an explicit `folder`: running the notebooks or the
+    tests never rewrites a committed figure with fresh noise. Returns None when nothing was written."""
+    if measured and folder is None and os.environ.get("QWEN3_SCRATCH_SAVE_FIGURES") != "1":
+        return None
     path = Path(folder) if folder is not None else figures_dir()
     path.mkdir(parents=True, exist_ok=True)
     path = path / (name if Path(name).suffix else f"{name}.png")

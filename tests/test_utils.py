@@ -121,3 +121,20 @@ def test_device_name_counts_threads_in_good_english(monkeypatch):
     assert device_name("cpu").endswith(", 1 thread)")
     monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
     assert device_name("cpu").endswith(", 8 threads)")
+
+
+def test_measured_figures_are_written_only_when_asked(fig, tmp_path, monkeypatch):
+    monkeypatch.setattr("qwen3_scratch.utils.figures_dir", lambda: tmp_path / "figs")
+    monkeypatch.delenv("QWEN3_SCRATCH_SAVE_FIGURES", raising=False)
+    assert save_figure(fig, "timing.png", measured=True) is None
+    assert not (tmp_path / "figs").exists(), "a measured figure must not touch figures/ unless asked"
+    assert save_figure(fig, "timing.png", measured=True, folder=tmp_path / "out").exists(), "an explicit folder is asked"
+    monkeypatch.setenv("QWEN3_SCRATCH_SAVE_FIGURES", "1")
+    assert save_figure(fig, "timing.png", measured=True) == tmp_path / "figs" / "timing.png"
+
+
+def test_quick_run_follows_the_environment(monkeypatch):
+    monkeypatch.setenv("QWEN3_SCRATCH_QUICK", "1")
+    assert qwen3_scratch.utils.quick_run()
+    monkeypatch.setenv("QWEN3_SCRATCH_QUICK", "0")
+    assert not qwen3_scratch.utils.quick_run()
