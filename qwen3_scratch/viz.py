@@ -16,7 +16,10 @@ import os
 import torch
 
 from qwen3_scratch.config import Qwen3Config
+from qwen3_scratch.hub import cached_checkpoint
 from qwen3_scratch.model import Qwen3Model
+from qwen3_scratch.utils import default_device
+from qwen3_scratch.weights import load_pretrained
 
 
 @contextlib.contextmanager
@@ -46,18 +49,14 @@ def capture_attention(model, input_ids, layers=None, **forward_kwargs):
 
 # %% notebooks/10_attention_viz.ipynb
 def load_real_or_tiny(repo="Qwen/Qwen3-0.6B", device=None, seed=0):
-    """The real checkpoint when a GPU and a cached copy are available, else a small random Qwen3.
-    Returns (model, description). Never touches the network."""
-    device = torch.device(device) if device is not None else (
-        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
-    if device.type == "cuda":
-        try:
-            from huggingface_hub import snapshot_download
-            from qwen3_scratch.weights import load_pretrained
-            path = snapshot_download(repo, local_files_only=True)
-            return load_pretrained(path, dtype=torch.bfloat16, device=device), f"{repo} (bf16)"
-        except Exception as err:  # not cached, or no huggingface_hub: fall back, and say why
-            print(f"real weights unavailable ({type(err).__name__}); using a random model")
+    """The real checkpoint when a copy is already on this machine (chapter 8's cached_checkpoint), on any device
+    (bf16 on CUDA, float32 elsewhere), else a small random Qwen3. Returns (model, description). Never touches
+    the network."""
+    device = torch.device(device) if device is not None else default_device()
+    folder = cached_checkpoint(repo)
+    if folder is not None:
+        model = load_pretrained(folder, device=device)
+        return model, f"{repo} ({str(model.embed_tokens.weight.dtype).removeprefix('torch.')})"
     torch.manual_seed(seed)
     cfg = Qwen3Config(hidden_size=128, intermediate_size=384, num_hidden_layers=6, num_attention_heads=8,
                       num_key_value_heads=4, head_dim=32)

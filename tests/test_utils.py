@@ -11,8 +11,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import qwen3_scratch  # noqa: E402
-from qwen3_scratch.utils import (count_parameters, default_device, device_name, env_report, figures_dir,  # noqa: E402
-                                 print_env, save_figure)
+from qwen3_scratch.utils import (DTYPE_CHOICES, count_parameters, default_device, device_name,  # noqa: E402
+                                 env_report, figures_dir, package_dir, parse_dtype, print_env, save_figure)
 
 
 @pytest.fixture
@@ -29,6 +29,25 @@ def test_figures_dir_is_the_repo_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # from any working directory, a checkout's figures/ is found
     expected = repo_figures if repo_figures.is_dir() else tmp_path / "figures"
     assert figures_dir() == expected
+
+
+def test_package_dir_holds_the_package_and_its_data():
+    assert package_dir() == Path(qwen3_scratch.__file__).parent
+    assert (package_dir() / "data" / "tokenizer.json").is_file(), "the bundled tokenizer lives in package_dir()/data"
+
+
+@pytest.mark.parametrize("given, want", [("bf16", torch.bfloat16), ("bfloat16", torch.bfloat16),
+                                         ("torch.float16", torch.float16), ("FP32", torch.float32),
+                                         (torch.float64, torch.float64), ("half", torch.float16)])
+def test_parse_dtype(given, want):
+    assert parse_dtype(given) is want
+
+
+@pytest.mark.parametrize("bad", ["int8", "bf15", torch.int64, None, 3])
+def test_parse_dtype_refuses_non_floats_naming_the_culprit(bad):
+    with pytest.raises(ValueError, match=rf"^--dtype={bad!r} is not a floating-point dtype".replace("(", r"\(")):
+        parse_dtype(bad, what="--dtype")
+    assert [parse_dtype(c) for c in DTYPE_CHOICES] == [torch.bfloat16, torch.float16, torch.float32]
 
 
 def test_save_figure_writes_a_reproducible_png(fig, tmp_path):
