@@ -4,7 +4,7 @@
 device to use, dtype names, what this machine supports, and how many parameters a module really has (tied
 weights counted once)."""
 
-__all__ = ['package_dir', 'figures_dir', 'quick_run', 'save_figure', 'default_device', 'device_name', 'DTYPE_CHOICES', 'parse_dtype', 'env_report', 'print_env', 'count_parameters']
+__all__ = ['package_dir', 'figures_dir', 'quick_run', 'save_figure', 'default_device', 'device_name', 'DTYPE_CHOICES', 'parse_dtype', 'env_report', 'print_env', 'count_module_params']
 
 
 # %% notebooks/00_setup.ipynb
@@ -138,7 +138,7 @@ def print_env(device: torch.device | str | None = None) -> None:
 
 
 # %% notebooks/00_setup.ipynb
-def count_parameters(module: nn.Module, unique: bool = True) -> int:
+def count_module_params(module: nn.Module, unique: bool = True) -> int:
     """Number of parameters; with `unique=True`, tensors shared between submodules count once."""
     params = [p for _, p in module.named_parameters(remove_duplicate=unique)]
     if not unique:

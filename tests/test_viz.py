@@ -3,9 +3,8 @@ import matplotlib
 import pytest
 import torch
 
-from hf_ref import hf_to_scratch, tiny_hf_model
-from qwen3_scratch.config import Qwen3Config
-from qwen3_scratch.model import Qwen3Model
+from hf_ref import tiny_hf_model
+from qwen3_scratch.hf_port import from_transformers
 from qwen3_scratch.viz import (attention_entropy, attention_explorer, capture_attention, group_contrast,
                                head_similarity, recording, sink_share, uniform_sink_share)
 
@@ -15,8 +14,7 @@ matplotlib.use("Agg")
 @pytest.fixture(scope="module")
 def pair():
     hf = tiny_hf_model()
-    ours = Qwen3Model(Qwen3Config.from_hf(hf.config.to_dict())).eval()
-    ours.load_state_dict(hf_to_scratch(hf.state_dict()))
+    ours = from_transformers(hf)
     return hf, ours
 
 
@@ -39,11 +37,11 @@ def test_capture_is_switched_off_and_does_not_change_logits(pair):
         before = ours(ids)
     maps = capture_attention(ours, ids, layers=[1])
     assert list(maps) == [1]
-    assert all(not l.self_attn.record_weights and l.self_attn.last_weights is None for l in ours.layers)
+    assert all(not l.self_attn.record_probs and l.self_attn.last_probs is None for l in ours.layers)
     with pytest.raises(RuntimeError):
         with recording(ours, [0]):
             raise RuntimeError("boom")
-    assert not ours.layers[0].self_attn.record_weights, "an exception must not leave recording on"
+    assert not ours.layers[0].self_attn.record_probs, "an exception must not leave recording on"
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), before, atol=1e-5, rtol=0)
 
