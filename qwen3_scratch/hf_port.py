@@ -52,7 +52,8 @@ def state_dict_to_hf(state_dict: dict) -> dict:
             out[name if name.startswith("lm_head.") else "model." + name] = w
     for prefix, by_index in experts.items():
         ordered = [by_index[e] for e in range(len(by_index))]
-        out[f"model.{prefix}.gate_up_proj"] = torch.stack([torch.cat([p["gate_proj"], p["up_proj"]]) for p in ordered])
+        gate_up = [torch.cat([p["gate_proj"], p["up_proj"]]) for p in ordered]  # (2I, D) each: gate rows first
+        out[f"model.{prefix}.gate_up_proj"] = torch.stack(gate_up)  # (E, 2I, D)
         out[f"model.{prefix}.down_proj"] = torch.stack([p["down_proj"] for p in ordered])  # (E, D, I)
     return out
 
@@ -75,8 +76,8 @@ def to_transformers(model: Qwen3Model, attn_implementation: str = "sdpa"):
     from transformers import Qwen3Config as HFQwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
     cfg, p = model.config, next(model.parameters())
     moe = cfg.num_experts > 0
-    hf_cfg = (Qwen3MoeConfig if moe else HFQwen3Config)(**{**cfg.to_hf(), "bos_token_id": None, "eos_token_id": None},
-                                                        attn_implementation=attn_implementation)
+    fields = {**cfg.to_hf(), "bos_token_id": None, "eos_token_id": None}  # chapter 07's config.json spelling
+    hf_cfg = (Qwen3MoeConfig if moe else HFQwen3Config)(**fields, attn_implementation=attn_implementation)
     with torch.device(p.device):
         hf = (Qwen3MoeForCausalLM if moe else Qwen3ForCausalLM)(hf_cfg)
     hf.to(p.dtype).eval()

@@ -3,7 +3,7 @@
 """A preallocated ("static") KV cache for decoding: one buffer for the keys and one for the values of every
 layer, (L, B, K, max_len, Dh), written in place at slots pos .. pos+T-1 so that no tensor ever grows.
 Legend: L layers, B batch, K kv heads, T new tokens, S = pos + T cached tokens, Dh head_dim.
-Reference: the static caches of gpt-fast and of transformers (StaticCache)."""
+Chapter 09 owns it. Reference: the static caches of gpt-fast and of transformers (StaticCache)."""
 
 __all__ = ['KVCache']
 

@@ -7,8 +7,8 @@ from hf_ref import tiny_hf_model
 from qwen3_scratch.hf_port import from_transformers, state_dict_from_hf, state_dict_to_hf, to_transformers
 
 IDS = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))  # (B, T)
-KINDS = {"dense": dict(moe=False), "moe": dict(moe=True), "moe, sparse step 2": dict(moe=True, decoder_sparse_step=2,
-                                                                                     mlp_only_layers=[], num_hidden_layers=4)}
+KINDS = {"dense": dict(moe=False), "moe": dict(moe=True),
+         "moe, sparse step 2": dict(moe=True, decoder_sparse_step=2, mlp_only_layers=[], num_hidden_layers=4)}
 
 
 @pytest.fixture(scope="module", params=list(KINDS))

@@ -6,23 +6,11 @@ import types
 
 import pytest
 import torch
-from hf_ref import tiny_hf_model
 
 from qwen3_scratch.hub import preset_repo_id, resolve_checkpoint
 from qwen3_scratch.weights import load_pretrained
 
 IDS = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))  # (B, T)
-
-
-@pytest.fixture(scope="module")
-def hf_ckpt(tmp_path_factory):
-    """{'dense'|'moe': (transformers model, its save_pretrained folder)}."""
-    out = {}
-    for kind in ("dense", "moe"):
-        ref = tiny_hf_model(moe=kind == "moe", seed=1)
-        ref.save_pretrained(folder := tmp_path_factory.mktemp(kind))
-        out[kind] = (ref, folder)
-    return out
 
 
 @torch.no_grad()

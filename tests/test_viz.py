@@ -103,3 +103,15 @@ def test_explorer_falls_back_to_static_plot(pair, monkeypatch):
     monkeypatch.setenv("CI", "true")
     fig = attention_explorer(ours, small_vocab, "hello world")
     assert len(fig.axes) == 4  # one panel per head of the middle layer
+
+
+def test_load_real_or_tiny_uses_a_cached_copy_on_any_device(tmp_path, monkeypatch):
+    """Real weights need only a local copy (chapter 8's cached_checkpoint), not a GPU."""
+    from qwen3_scratch import viz
+    from qwen3_scratch.weights import save_pretrained
+    folder = save_pretrained(from_transformers(tiny_hf_model()), tmp_path / "ckpt")
+    monkeypatch.setattr(viz, "cached_checkpoint", lambda repo: folder if repo == "Org/Tiny" else None)
+    model, what = viz.load_real_or_tiny("Org/Tiny", device="cpu")
+    assert what == "Org/Tiny (float32)" and model.config.num_hidden_layers == 3 and not model.training
+    model, what = viz.load_real_or_tiny("Org/Missing", device="cpu")
+    assert what.startswith("random tiny Qwen3") and model.config.num_hidden_layers == 6

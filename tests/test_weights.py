@@ -18,19 +18,7 @@ from qwen3_scratch.weights import (CheckpointError, checkpoint_files, choose_dty
 IDS = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))  # (B, T)
 
 
-# ---------------------------------------------------------------- fixtures: checkpoints written by transformers
-@pytest.fixture(scope="module")
-def hf_ckpt(tmp_path_factory):
-    """{'dense'|'moe': (transformers model, its save_pretrained folder)}; dense is tied, MoE untied."""
-    out = {}
-    for kind in ("dense", "moe"):
-        ref = tiny_hf_model(moe=kind == "moe", seed=1)
-        folder = tmp_path_factory.mktemp(kind)
-        ref.save_pretrained(folder)
-        out[kind] = (ref, folder)
-    return out
-
-
+# ---------------------------------------------------------------- fixtures (hf_ckpt: tests/conftest.py)
 def copy_ckpt(hf_ckpt, kind, tmp_path):
     dst = tmp_path / kind
     shutil.copytree(hf_ckpt[kind][1], dst)
