@@ -350,6 +350,9 @@ def _load_checked(model, directory, files, headers, dtype=None, device=None):
     check_tensors(expected, found, where=str(directory))
 
     device = torch.device(device) if device is not None else _default_device()
+    if device.type == "meta":
+        raise ValueError("device='meta' holds shapes but no numbers: load onto cpu or cuda (to inspect shapes "
+                         "only, build the model under torch.device('meta') and skip loading)")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     dtype = choose_dtype(dtype, device, _read_json_object(directory / "config.json"), found)
