@@ -5,7 +5,7 @@ no cache, a roofline from the measured read bandwidth, and the fast decode path 
 Timings come with their spread. The plots are in bench_plots.py, the KV-byte formulas in kv_cache.py (chapter 9).
 Outside Jupyter: `python -m qwen3_scratch.bench [--small] [--device cuda] [--out DIR] [--figures DIR]`."""
 
-__all__ = ['SMALL', 'bench_config', 'attention_variants', 'shape_str', 'measure_kv_cache_bytes', 'synchronize', 'time_samples', 'spread', 'time_calls', 'time_call', 'random_model', 'load_model', 'decode_steps', 'decode_latency', 'per_token_times', 'cache_vs_nocache', 'measure_read_bandwidth', 'bandwidth_sizes', 'roofline_bandwidth', 'weight_bytes_per_token', 'roofline_seconds', 'to_transformers', 'generate_paths', 'result_row', 'fast_path_rows', 'BenchSettings', 'SETTINGS', 'bench_model', 'kv_bytes_rows', 'decode_latency_rows', 'cache_vs_nocache_rows', 'run_benchmarks', 'bench_meta', 'CSV_FIELDS', 'write_results', 'main', 'print_summary']
+__all__ = ['SMALL', 'bench_config', 'attention_variants', 'shape_str', 'measure_kv_cache_bytes', 'synchronize', 'time_samples', 'spread', 'time_calls', 'time_call', 'random_model', 'load_model', 'decode_steps', 'decode_latency', 'per_token_times', 'cache_vs_nocache', 'measure_read_bandwidth', 'bandwidth_sizes', 'roofline_bandwidth', 'weight_bytes_per_token', 'roofline_seconds', 'to_transformers', 'generate_paths', 'result_row', 'fast_path_rows', 'thread_rows', 'decode_profile', 'BenchSettings', 'SETTINGS', 'bench_model', 'kv_bytes_rows', 'decode_latency_rows', 'cache_vs_nocache_rows', 'run_benchmarks', 'bench_meta', 'CSV_FIELDS', 'write_results', 'main', 'print_summary']
 
 
 # %% notebooks/11_benchmarks.ipynb
@@ -15,6 +15,7 @@ import dataclasses
 import datetime
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -318,6 +319,57 @@ def fast_path_rows(model, prompt_len, new_tokens, bandwidth, compile=False, with
 
 
 # %% notebooks/11_benchmarks.ipynb
+def thread_rows(model, prompt_len, new_tokens, counts, warmup=1, repeats=3, seed=0) -> list:
+    """Tokens/s of plain generate at each CPU thread count in `counts`, timed round-robin; the thread count is
+    restored afterwards."""
+    device, cfg = next(model.parameters()).device, model.config
+    ids = torch.randint(cfg.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(seed)).to(device)
+    before = torch.get_num_threads()
+
+    def run(n):
+        def fn():
+            torch.set_num_threads(n)
+            generate(model, ids, new_tokens)
+        return fn
+
+    try:
+        samples = time_samples({n: run(n) for n in counts}, device, warmup, repeats)
+    finally:
+        torch.set_num_threads(before)
+    rows = []
+    for n, t in samples.items():
+        sp = spread([new_tokens / s for s in t])
+        rows.append(result_row("threads", "tokens_per_second", sp["median"], f"{n} thread{'s' if n > 1 else ''}",
+                               shape_str(cfg), context=n, unit="tok/s", spread=sp))
+    return rows
+
+
+def decode_profile(model, new_tokens=32, prompt_len=8) -> dict:
+    """{group: share of the wall time} of the fast path's eager decode under torch.profiler: the operators' own CPU
+    time in the weight matmuls, in attention, in every other operator (element-wise kernels, views, copies), and
+    the rest of the wall time, spent outside any operator (Python, dispatch, the profiler's own overhead)."""
+    from torch.profiler import ProfilerActivity, profile
+    device, cfg = next(model.parameters()).device, model.config
+    ids = torch.randint(cfg.vocab_size, (1, prompt_len), device=device)
+    fast_generate(model, ids, 4)  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        fast_generate(model, ids, new_tokens)
+        wall = (time.perf_counter() - t0) * 1e6  # microseconds, as the profiler counts
+    groups = {"weight matmuls": 0.0, "attention": 0.0, "other operators": 0.0}
+    for e in prof.key_averages():
+        if e.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "mkldnn::_linear_pointwise"):
+            groups["weight matmuls"] += e.self_cpu_time_total
+        elif "attention" in e.key:
+            groups["attention"] += e.self_cpu_time_total
+        elif e.key.startswith("aten::") or e.key.startswith("mkldnn::"):
+            groups["other operators"] += e.self_cpu_time_total
+    groups["outside operators"] = max(0.0, wall - sum(groups.values()))
+    total = sum(groups.values())
+    return {k: v / total for k, v in groups.items()}
+
+
+# %% notebooks/11_benchmarks.ipynb
 @dataclasses.dataclass
 class BenchSettings:
     kv_contexts: tuple  # contexts where the cache is allocated and measured
@@ -388,8 +440,9 @@ def cache_vs_nocache_rows(model, prompt_len, new_tokens, repeats) -> tuple:
 
 # %% notebooks/11_benchmarks.ipynb
 def run_benchmarks(cfg, device, dtype, settings: BenchSettings, compile=False, with_hf=True, checkpoint=None,
-                   log=print) -> dict:
-    """Every measurement of the chapter; returns {"meta": ..., "rows": [...], "series": {...}}."""
+                   log=print, thread_counts=()) -> dict:
+    """Every measurement of the chapter; returns {"meta": ..., "rows": [...], "series": {...}}. thread_counts: also
+    time plain generate at these CPU thread counts and profile the eager decode (CPU)."""
     device, start = torch.device(device), time.perf_counter()
 
     def elapsed():
@@ -415,6 +468,12 @@ def run_benchmarks(cfg, device, dtype, settings: BenchSettings, compile=False, w
     rows += fast_path_rows(model, settings.fast_prompt_len, settings.fast_new_tokens, bw, compile, with_hf,
                            settings.warmup, min(5, settings.repeats))
     log(f"fast path: done {elapsed()}")
+    if thread_counts:
+        rows += thread_rows(model, settings.fast_prompt_len, settings.fast_new_tokens // 2, thread_counts, 1,
+                            min(5, settings.repeats))
+        rows += [result_row("profile", "cpu_time_share", v, k, shape_str(cfg))
+                 for k, v in decode_profile(model, settings.fast_new_tokens // 2).items()]
+        log(f"threads and profile: done {elapsed()}")
     return {"meta": bench_meta(cfg, device, dtype, settings, compile, checkpoint), "rows": rows,
             "series": {"cache_vs_nocache": series}}
 
@@ -500,7 +559,9 @@ def main(argv=None) -> dict:
     if args.checkpoint:
         cfg = _checkpoint_config(args.checkpoint)
     print(f"device {device_name(device)}, {dtype}, shape {shape_str(cfg)}, compile {compile}")
-    results = run_benchmarks(cfg, device, dtype, settings, compile, with_hf, args.checkpoint)
+    threads = sorted({1, min(2, os.cpu_count() or 1), min(4, os.cpu_count() or 1)})
+    results = run_benchmarks(cfg, device, dtype, settings, compile, with_hf, args.checkpoint,
+                             thread_counts=threads if device.type == "cpu" and not args.quick else ())
     stem = f"bench_{device.type}" + ("_small" if small and device.type != "cpu" else "")
     for path in write_results(results, args.out, stem):
         print("wrote", path)
@@ -538,6 +599,10 @@ def print_summary(results) -> None:
             print(f"  {r['variant']}: achieved {r['value'] / 1e9:.1f} GB/s (weight bytes x tok/s)")
         elif r["experiment"] == "fast_path" and r["metric"] == "roofline_fraction":
             print(f"  {r['variant']}: {r['value']:.1%} of the roofline")
+        elif r["experiment"] == "threads":
+            print(f"  plain generate, {r['variant']}: {r['value']:.1f} tok/s (IQR {r['q1']:.1f}-{r['q3']:.1f})")
+        elif r["experiment"] == "profile":
+            print(f"  eager decode profile, {r['variant']}: {r['value']:.0%} of the wall time")
 
 
 if __name__ == "__main__" and "ipykernel" not in sys.modules:  # not when this cell runs inside Jupyter
