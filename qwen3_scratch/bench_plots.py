@@ -3,7 +3,7 @@
 """Chapter 11's figures, drawn from the results dictionary of qwen3_scratch.bench (or its saved JSON): KV bytes,
 decode latency, cache vs no cache, measured vs roofline, the generate paths. Medians with their IQR."""
 
-__all__ = ['plot_kv_bytes', 'plot_decode_latency', 'plot_cache_vs_nocache', 'plot_roofline', 'plot_fast_path', 'PLOTS', 'save_plots']
+__all__ = ['plot_kv_bytes', 'plot_decode_latency', 'plot_cache_vs_nocache', 'plot_roofline', 'plot_fast_path', 'plot_cpu_threads_profile', 'PLOTS', 'save_plots']
 
 
 # %% notebooks/11_benchmarks.ipynb
@@ -145,8 +145,30 @@ def plot_fast_path(results):
 
 
 # %% notebooks/11_benchmarks.ipynb
+def plot_cpu_threads_profile(results):
+    """Plain generate's tokens/s per CPU thread count, and where the eager decode's wall time goes; None when the
+    results hold neither (a GPU run)."""
+    import matplotlib.pyplot as plt
+    thr = _select(results, "threads", "tokens_per_second")
+    prof = _select(results, "profile", "cpu_time_share")
+    if not thr or not prof:
+        return None
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3))
+    a1.bar([r["variant"] for r in thr], [r["value"] for r in thr],
+           yerr=[[r["value"] - r["q1"] for r in thr], [r["q3"] - r["value"] for r in thr]], capsize=4)
+    a1.set(ylabel="tokens/s (median, IQR)", title="plain generate vs CPU threads")
+    a2.barh([r["variant"] for r in prof], [r["value"] * 100 for r in prof], color=["C0", "C1", "C7", "C3"])
+    a2.set(xlabel="% of wall time", title="fast path, eager decode: where the time goes")
+    a2.invert_yaxis()
+    fig.suptitle(_title(results, "CPU threads and profile"), fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+# %% notebooks/11_benchmarks.ipynb
 PLOTS = {"11_kv_bytes": plot_kv_bytes, "11_decode_latency": plot_decode_latency,
-         "11_cache_vs_nocache": plot_cache_vs_nocache, "11_roofline": plot_roofline, "11_fast_path": plot_fast_path}
+         "11_cache_vs_nocache": plot_cache_vs_nocache, "11_roofline": plot_roofline, "11_fast_path": plot_fast_path,
+         "11_cpu_threads_profile": plot_cpu_threads_profile}
 
 
 def save_plots(results, folder=None) -> list:
@@ -154,6 +176,8 @@ def save_plots(results, folder=None) -> list:
     paths = []
     for name, plot in PLOTS.items():
         fig = plot(results)
+        if fig is None:  # nothing measured for this one
+            continue
         paths.append(save_figure(fig, f"{name}.png", folder=folder, measured=True))
         plt.close(fig)
     return paths
