@@ -227,6 +227,11 @@ def test_compiled_graph_capture_fullgraph_aot_eager():
     ids = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(1))
     out = fast_generate(model, ids, 20, compile=True, backend="aot_eager")
     assert torch.equal(out, generate(model, ids, 20))
+    from torch._dynamo.utils import counters
+    graphs = counters["stats"]["unique_graphs"]
+    again = fast_generate(model, ids, 12, compile=True, backend="aot_eager")  # a fresh cache of the same shape
+    assert torch.equal(again, out[:, :again.shape[1]])
+    assert counters["stats"]["unique_graphs"] == graphs, "a new call (new cache, same shapes) must not recompile"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor + CUDA graphs: a GPU test (on a CPU a cold "
