@@ -212,6 +212,8 @@ def main(argv=None, stdin=None, stdout=None, stderr=None) -> int:
         stderr.write(f"error: --max-new-tokens must be >= 1, got {args.max_new_tokens}\n")
         return 2
     try:
+        from qwen3_scratch.utils import default_threads  # the notebooks' default too (chapter 0 says why)
+        torch.set_num_threads(default_threads())
         return (run_chat if args.command == "chat" else run_generate)(args, stdin, stdout)
     except KeyboardInterrupt:
         stderr.write("\ninterrupted\n")
