@@ -29,6 +29,10 @@ class Qwen3Config:
     max_position_embeddings: int = 40_960  # the context length the model was trained for
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1_000_000.0
+    rope_scaling: dict | None = None  # YaRN (chapter 15): {"rope_type": "yarn", "factor": ..., ...}; None: plain RoPE
+    use_sliding_window: bool = False  # sliding-window attention (chapter 15); no released Qwen3 turns it on
+    sliding_window: int | None = None  # W: a sliding layer's query sees its last W slots, itself included
+    max_window_layers: int = 28  # dense models: layers max_window_layers .. L-1 slide (transformers' rule)
     tie_word_embeddings: bool = True  # the LM head reuses the embedding matrix
     # Qwen3-MoE only; num_experts == 0 means every layer has a dense SwiGLU
     num_experts: int = 0  # E
@@ -44,6 +48,8 @@ class Qwen3Config:
     def __post_init__(self):
         self.rope_theta = float(self.rope_theta)  # config.json often writes 1000000 (an int)
         self.mlp_only_layers = list(self.mlp_only_layers)  # our own copy, never a preset's list
+        self.rope_scaling = dict(self.rope_scaling) if self.rope_scaling else None  # {} means plain RoPE too
+        _check_long_context(self)  # YaRN and sliding windows (chapter 15)
         if self.num_experts > 0 and self.model_type == "qwen3":
             self.model_type = "qwen3_moe"  # experts make it a Qwen3-MoE, whatever the caller wrote
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -76,6 +82,16 @@ class Qwen3Config:
         if outside:
             raise ValueError(f"mlp_only_layers {outside} are not layers of a {self.num_hidden_layers}-layer model")
 
+    @property
+    def layer_types(self) -> list[str]:
+        """'full_attention' or 'sliding_attention' for each layer, derived as transformers derives them: a dense
+        Qwen3 slides from layer max_window_layers on, a Qwen3-MoE slides in every layer (chapter 15)."""
+        L = self.num_hidden_layers
+        if not self.use_sliding_window:
+            return ["full_attention"] * L
+        first = 0 if self.model_type == "qwen3_moe" else self.max_window_layers
+        return ["sliding_attention" if i >= first else "full_attention" for i in range(L)]
+
     def is_moe_layer(self, layer_idx: int) -> bool:
         """The reference's rule: MoE unless listed in mlp_only_layers, and then only every
         decoder_sparse_step-th layer, counting from 1 (and never without experts)."""
@@ -88,7 +104,11 @@ class Qwen3Config:
         as released (rope_theta, num_experts) and as transformers 5 saves it (rope_parameters, num_local_experts)."""
         raw, where = _load_config_json(source)
         try:
-            return cls(**_fields_from_hf(raw))
+            cfg = cls(**_fields_from_hf(raw))
+            if raw.get("layer_types") is not None and list(raw["layer_types"]) != cfg.layer_types:
+                raise ValueError(f"layer_types {raw['layer_types']} differ from what use_sliding_window, "
+                                 f"sliding_window and max_window_layers give: {cfg.layer_types}")
+            return cfg
         except ValueError as e:  # every complaint names the file it is about
             raise ValueError(f"{where}: {e}") from None
 
@@ -101,7 +121,7 @@ class Qwen3Config:
                         "decoder_sparse_step", "mlp_only_layers"):
                 del d[key]
         d.update(architectures=["Qwen3MoeForCausalLM" if moe else "Qwen3ForCausalLM"], hidden_act="silu",
-                 attention_bias=False, rope_scaling=None, use_sliding_window=False, torch_dtype="bfloat16")
+                 attention_bias=False, torch_dtype="bfloat16")
         return dict(sorted(d.items()))
 
     @classmethod
@@ -109,6 +129,38 @@ class Qwen3Config:
         """A released model by name ('0.6B', '30B-A3B', '4B-Instruct-2507', ...) or Hub id ('Qwen/Qwen3-8B');
         keyword arguments override single fields (e.g. num_hidden_layers=2 for a quick test)."""
         return cls(**{**PRESETS[preset_name(name)], **overrides})
+
+
+# %% notebooks/07_model.ipynb
+_YARN_KEYS = ("rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor",
+              "mscale", "mscale_all_dim", "truncate")
+
+
+def _check_long_context(cfg) -> None:
+    """Chapter 15's fields: a YaRN rope_scaling (no other RoPE scaling) and the sliding-window keys."""
+    rs = cfg.rope_scaling
+    if rs is not None:
+        rope_type = rs.get("rope_type", rs.get("type"))
+        if rope_type != "yarn":
+            raise ValueError(f"rope scaling {rope_type!r} is not implemented (plain RoPE and 'yarn' are)")
+        unknown = sorted(set(rs) - set(_YARN_KEYS))
+        if unknown:
+            raise ValueError(f"rope scaling 'yarn' does not know the key(s) {unknown}")
+        for key in ("factor", "original_max_position_embeddings"):
+            value = rs.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"rope scaling 'yarn' needs a positive {key}, got {value!r}")
+        if rs["factor"] < 1:
+            raise ValueError(f"rope scaling 'yarn' stretches the context: factor must be >= 1, got {rs['factor']}")
+    if not isinstance(cfg.use_sliding_window, bool):
+        raise ValueError(f"use_sliding_window must be true or false, got {cfg.use_sliding_window!r}")
+    if cfg.use_sliding_window:
+        W = cfg.sliding_window
+        if isinstance(W, bool) or not isinstance(W, int) or W <= 0:
+            raise ValueError(f"use_sliding_window=true needs sliding_window, a positive integer, got {W!r}")
+    m = cfg.max_window_layers
+    if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+        raise ValueError(f"max_window_layers must be an integer >= 0, got {m!r}")
 
 
 # %% notebooks/07_model.ipynb
@@ -228,16 +280,23 @@ def _fields_from_hf(d: dict) -> dict:
     for key in ("rope_scaling", "rope_parameters"):  # as released / transformers 5
         if not isinstance(d.get(key) or {}, dict):
             raise ValueError(f"{key} must be an object (or null), got {type(d[key]).__name__}: {d[key]!r}")
+    scaling = None
     for rope in (d.get("rope_scaling") or {}, d.get("rope_parameters") or {}):
         rope_type = rope.get("rope_type", rope.get("type")) or "default"
-        if rope_type != "default":
-            raise ValueError(f"rope scaling {rope_type!r} is not implemented (only plain RoPE is); drop "
+        if rope_type not in ("default", "yarn"):
+            raise ValueError(f"rope scaling {rope_type!r} is not implemented (plain RoPE and 'yarn' are); drop "
                              "rope_scaling / rope_parameters.rope_type to run at the native context length")
         if "rope_theta" in rope:
             d["rope_theta"] = rope["rope_theta"]
-    for key in ("use_sliding_window", "attention_bias"):
-        if d.get(key):
-            raise ValueError(f"{key}=true is not supported: no released Qwen3 uses it")
+        if rope_type == "yarn":  # chapter 15; transformers' default for the original length is the native one
+            scaling = {k: v for k, v in rope.items() if k not in ("type", "rope_theta")}
+            scaling.update(rope_type="yarn")
+            scaling.setdefault("original_max_position_embeddings", d.get("max_position_embeddings", 32_768))
+    d["rope_scaling"] = scaling
+    if not d.get("use_sliding_window"):  # the window keys mean nothing then (transformers drops the window too)
+        d.pop("sliding_window", None), d.pop("max_window_layers", None)
+    if d.get("attention_bias"):
+        raise ValueError("attention_bias=true is not supported: no released Qwen3 uses it")
     if d.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported: Qwen3's SwiGLU uses 'silu'")
     missing = [k for k in _REQUIRED + (_REQUIRED_MOE if model_type == "qwen3_moe" else ()) if k not in d]

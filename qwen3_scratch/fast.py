@@ -42,10 +42,13 @@ class FixedShapeKVCache:
         """(T,) the positions (= slots) of the next T tokens: pos .. pos+T-1, without leaving the device."""
         return self.pos + self.slots[:T]
 
-    def mask(self, positions):
+    def mask(self, positions, window=None):
         """Bool (1, 1, T, max_len) for queries at `positions` (T,): position p sees slots 0..p, not the later ones
-        (zeros, or stale keys of an earlier sequence)."""
-        return (self.slots[None, :] <= positions[:, None])[None, None]
+        (zeros, or stale keys of an earlier sequence); with a sliding window W (chapter 15), slots p-W+1..p only."""
+        allowed = self.slots[None, :] <= positions[:, None]  # (T, max_len)
+        if window is not None:
+            allowed = allowed & (self.slots[None, :] > positions[:, None] - window)
+        return allowed[None, None]
 
     def update(self, layer_idx, k, v):
         """Write k, v (B, K, T, Dh) at slots pos .. pos+T-1 of one layer; return its whole buffers (B, K, max_len, Dh)."""
@@ -83,8 +86,11 @@ def forward_step(model, cache, input_ids):
     forward. T > 1 is the prefill (eager, any length); T == 1 the decode step, whose shapes never change."""
     B, T = input_ids.shape
     positions = cache.positions(T)  # (T,)
+    mask = cache.mask(positions)
+    if "sliding_attention" in model.config.layer_types:  # chapter 15: one mask per kind of layer
+        mask = {"full_attention": mask, "sliding_attention": cache.mask(positions, model.config.sliding_window)}
     logits = model(input_ids, position_ids=positions.expand(B, T), kv_cache=cache, last_only=True,
-                   mask=cache.mask(positions))  # (B, 1, V)
+                   mask=mask)  # (B, 1, V)
     return logits[:, -1]  # (B, V)
 
 

@@ -47,22 +47,26 @@ class Qwen3Block(nn.Module):
 
 
 # %% notebooks/07_model.ipynb
-def build_mask(T: int, past: int, attention_mask=None, device=None):
-    """Which key slots each of the T new queries may attend: bool (B|1, 1, T, past + T), True = allowed.
+def build_mask(T: int, past: int, attention_mask=None, device=None, window=None, first=0):
+    """Which key slots each of the T new queries may attend: bool (B|1, 1, T, past + T - first), True = allowed.
     attention_mask (B, >= past + T): 1 for real tokens, 0 for (left) padding. Returns None when plain
-    causal attention is right (nothing cached or a single query, and no padding), so SDPA can use is_causal."""
-    if attention_mask is None and (past == 0 or T == 1):
+    causal attention is right (nothing cached or a single query, and no padding), so SDPA can use is_causal.
+    Sliding-window layers (chapter 15): window W lets query slot q see key slots q-W+1 .. q only, and a rolling
+    cache that dropped slots 0 .. first-1 hands the layer keys for slots first .. past+T-1 only."""
+    if attention_mask is None and (past == 0 or T == 1) and (window is None or past + T - first <= window):
         return None
     S = past + T
     if device is None and attention_mask is not None:
         device = attention_mask.device
     q_slot = torch.arange(past, S, device=device)[:, None]  # (T, 1): query i sits at slot past + i
-    k_slot = torch.arange(S, device=device)[None, :]  # (1, S)
-    mask = (k_slot <= q_slot)[None]  # (1, T, S) causal, shifted by the cache offset
+    k_slot = torch.arange(first, S, device=device)[None, :]  # (1, S - first)
+    mask = (k_slot <= q_slot)[None]  # (1, T, S - first) causal, shifted by the cache offset
+    if window is not None:
+        mask = mask & (k_slot > q_slot - window)  # the last W slots only, itself included
     if attention_mask is not None:
         if attention_mask.shape[-1] < S:
             raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} slots, but past + T = {S}")
-        keep = attention_mask[:, None, :S].to(device=device, dtype=torch.bool)  # (B, 1, S): no pad slot ...
+        keep = attention_mask[:, None, first:S].to(device=device, dtype=torch.bool)  # (B, 1, S): no pad slot ...
         mask = (mask & keep) | (k_slot == q_slot)  # ... but let every query see itself: no all-False row
     return mask[:, None]  # (B|1, 1, T, S)
 
@@ -81,7 +85,7 @@ class Qwen3Model(nn.Module):
         # RoPE frequencies are not in the checkpoint, so compute real values on the CPU even when the rest is
         # built on "meta" (for counting, or to load weights later); .to(device) moves them with the model
         with torch.device("cpu"):
-            self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+            self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)  # YaRN: chapter 15
         if self.embed_tokens.weight.device.type != "meta":
             self.rotary.to(self.embed_tokens.weight.device)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)  # weight (V, D)
@@ -94,7 +98,8 @@ class Qwen3Model(nn.Module):
         position_ids (B, T): default past .. past+T-1, or, with attention_mask, counted over real tokens only.
         attention_mask (B, past + T): 1 = real token, 0 = left padding. kv_cache: a KVCache (chapter 9).
         mask: a ready bool mask (B|1, 1, T, S), True = may attend, used instead of the one built here (chapter 11's
-        fixed-shape cache brings its own, since its S keys include slots not written yet)."""
+        fixed-shape cache brings its own, since its S keys include slots not written yet); with sliding-window
+        layers (chapter 15), a dict {"full_attention": mask, "sliding_attention": mask}, one per kind of layer."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
@@ -106,10 +111,20 @@ class Qwen3Model(nn.Module):
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         x = self.embed_tokens(input_ids)  # (B, T, D)
         cos, sin = self.rotary(position_ids, dtype=x.dtype)  # (B, T, Dh) each, shared by every layer
+        kinds = self.config.layer_types  # "full_attention" or "sliding_attention" for each layer
         if mask is None:
-            mask = build_mask(T, past, attention_mask, input_ids.device)  # (B|1, 1, T, S) or None
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask, kv_cache)  # (B, T, D)
+            mask = {"full_attention": build_mask(T, past, attention_mask, input_ids.device)}  # (B|1, 1, T, S) or None
+            if "sliding_attention" in kinds:  # a rolling cache (chapter 15) keeps only the last slots of those layers
+                first = kv_cache.first_slot(T) if hasattr(kv_cache, "first_slot") else 0
+                mask["sliding_attention"] = build_mask(T, past, attention_mask, input_ids.device,
+                                                       self.config.sliding_window, first)
+        elif not isinstance(mask, dict):
+            if "sliding_attention" in kinds:
+                raise ValueError("this model has sliding-window layers: pass mask as a dict with keys "
+                                 "'full_attention' and 'sliding_attention'")
+            mask = {"full_attention": mask}
+        for layer, kind in zip(self.layers, kinds):
+            x = layer(x, cos, sin, mask[kind], kv_cache)  # (B, T, D)
         if kv_cache is not None:
             kv_cache.advance(T)  # every layer has written its T new slots
         if last_only:

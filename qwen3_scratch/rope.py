@@ -6,7 +6,7 @@ The interleaved-pairs variant is here for teaching only: no released Qwen3 check
 References: Su et al., "RoFormer" (2021); transformers' Qwen3RotaryEmbedding and apply_rotary_pos_emb.
 Shapes: B batch, T tokens, H heads (query or key/value: RoPE treats them alike), Dh head_dim. Chapter 03 owns it."""
 
-__all__ = ['rope_inv_freq', 'RotaryEmbedding', 'rotate_half', 'apply_rope', 'apply_rope_interleaved', 'interleaved_to_halves']
+__all__ = ['rope_inv_freq', 'YARN_KEYS', 'yarn_inv_freq', 'yarn_attention_factor', 'rope_frequencies', 'RotaryEmbedding', 'rotate_half', 'apply_rope', 'apply_rope_interleaved', 'interleaved_to_halves']
 
 
 # %% notebooks/03_rope.ipynb
@@ -26,29 +26,88 @@ def rope_inv_freq(head_dim: int, theta: float = 1_000_000.0) -> torch.Tensor:
 
 
 # %% notebooks/03_rope.ipynb
+import math
+
+YARN_KEYS = {"rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor",
+             "mscale", "mscale_all_dim", "truncate"}
+
+
+def yarn_inv_freq(head_dim: int, theta: float, factor: float, original_max_position_embeddings: int,
+                  beta_fast: float = 32.0, beta_slow: float = 1.0, truncate: bool = True) -> torch.Tensor:
+    """YaRN's frequencies (Dh/2,) float32: pairs turning more than beta_fast times over the original context keep
+    their speed, pairs turning less than beta_slow times are slowed by `factor`, a linear ramp in between."""
+    def pair_index(turns):  # the (fractional) pair whose wavelength fits `turns` times into the original context
+        return head_dim * math.log(original_max_position_embeddings / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = pair_index(beta_fast), pair_index(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # no division by zero
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)  # (Dh/2,)
+    speeds = theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (Dh/2,) 1 / rope_inv_freq
+    keep = 1 - ramp  # 1: extrapolate (the original speed), 0: interpolate (speed / factor)
+    return (1.0 / (factor * speeds)) * (1 - keep) + (1.0 / speeds) * keep
+
+
+def yarn_attention_factor(factor: float, mscale=None, mscale_all_dim=None) -> float:
+    """The scale YaRN puts on cos and sin: 0.1 ln(factor) + 1 (DeepSeek's mscale / mscale_all_dim variant too)."""
+    def get(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if mscale and mscale_all_dim:
+        return float(get(factor, mscale) / get(factor, mscale_all_dim))
+    return get(factor)
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -> tuple[torch.Tensor, float]:
+    """(inv_freq (Dh/2,), cos/sin scale) for plain RoPE (scaling None or rope_type 'default') or YaRN."""
+    rope_type = (scaling or {}).get("rope_type", "default")
+    if rope_type == "default":
+        return rope_inv_freq(head_dim, theta), 1.0
+    if rope_type != "yarn":
+        raise ValueError(f"rope_type {rope_type!r} is not implemented; only 'default' and 'yarn' are")
+    unknown = set(scaling) - YARN_KEYS
+    if unknown:
+        raise ValueError(f"rope scaling 'yarn' does not know the key(s) {sorted(unknown)}")
+    factor = scaling["factor"]
+    inv_freq = yarn_inv_freq(head_dim, theta, factor, scaling["original_max_position_embeddings"],
+                             scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1,
+                             scaling.get("truncate", True))
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        attention = yarn_attention_factor(factor, scaling.get("mscale"), scaling.get("mscale_all_dim"))
+    return inv_freq, attention
+
+
+# %% notebooks/03_rope.ipynb
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for RoPE: forward(position_ids (B, T), dtype) -> cos, sin, each (B, T, Dh).
     Columns j and j + Dh/2 hold the same angle position * inv_freq[j] (split-halves layout)."""
 
-    def __init__(self, head_dim: int, theta: float = 1_000_000.0):
+    def __init__(self, head_dim: int, theta: float = 1_000_000.0, scaling: dict | None = None):
         super().__init__()
-        self.head_dim, self.theta = head_dim, theta
-        self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta), persistent=False)  # (Dh/2,)
+        self.head_dim, self.theta, self.scaling = head_dim, theta, scaling  # scaling: YaRN's dict (chapter 15)
+        inv_freq, self.attention_scaling = rope_frequencies(head_dim, theta, scaling)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # (Dh/2,)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         # keep the frequencies float32 through model.to(torch.bfloat16): recompute them on the new device
-        self.inv_freq = rope_inv_freq(self.head_dim, self.theta).to(self.inv_freq.device)
+        self.inv_freq = rope_frequencies(self.head_dim, self.theta, self.scaling)[0].to(self.inv_freq.device)
         return self
 
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype = torch.float32):
         angles = position_ids[..., None].float() * self.inv_freq.float()  # (B, T, Dh/2) in float32
         angles = torch.cat([angles, angles], dim=-1)  # (B, T, Dh): both halves of a pair share an angle
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        s = self.attention_scaling  # 1.0 for plain RoPE; YaRN scales cos and sin (so every q·k) by its mscale
+        return (angles.cos() * s).to(dtype), (angles.sin() * s).to(dtype)
 
     def extra_repr(self) -> str:
-        return f"head_dim={self.head_dim}, theta={self.theta:g}"
+        extra = f", scaling={self.scaling}" if self.scaling else ""
+        return f"head_dim={self.head_dim}, theta={self.theta:g}{extra}"
 
 
 # %% notebooks/03_rope.ipynb
