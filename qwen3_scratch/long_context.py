@@ -9,6 +9,7 @@ __all__ = ['RollingKVCache', 'chunked_prefill', 'generate_long', 'peak_memory', 
 
 
 # %% notebooks/15_long_context.ipynb
+import ctypes
 import dataclasses
 import gc
 from pathlib import Path
@@ -156,6 +157,10 @@ def peak_memory(fn, device="cpu"):
     clear = Path("/proc/self/clear_refs")
     if not clear.exists():
         raise RuntimeError("peak_memory on a CPU needs Linux's /proc/self/clear_refs")
+    try:  # glibc keeps freed memory for reuse: give it back, or a later, smaller run would measure nothing
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # another C library: the measurement is then an upper bound of the new peak
+        pass
     clear.write_text("5")  # VmHWM := VmRSS
     before = _rss_kib("VmRSS")
     out = fn()
