@@ -5,11 +5,13 @@ or a local gloo launcher that always cleans up), the collectives and the bytes t
 DDP and FSDP2 around chapter 12's training loop with sharded checkpoints (torch.distributed.checkpoint).
 References: PyTorch's torch.distributed, FSDP2 and Distributed Checkpoint docs; ZeRO (Rajbhandari et al., 2020)."""
 
-__all__ = ['TORCHRUN_VARS', 'launched_by_torchrun', 'init_from_env', 'run_processes', 'whoami', 'fail_on_rank_1', 'all_gather', 'reduce_scatter', 'collectives_demo', 'RING_FACTOR', 'ring_bytes', 'time_all_reduce', 'RELEASED', 'TRAIN_BYTES_PER_PARAM', 'max_tp_degree', 'memory_rows', 'free_port', 'run_torchrun']
+__all__ = ['TORCHRUN_VARS', 'launched_by_torchrun', 'init_from_env', 'run_processes', 'whoami', 'fail_on_rank_1', 'all_gather', 'reduce_scatter', 'collectives_demo', 'RING_FACTOR', 'ring_bytes', 'time_all_reduce', 'RELEASED', 'TRAIN_BYTES_PER_PARAM', 'max_tp_degree', 'memory_rows', 'free_port', 'run_torchrun', 'RankBatches', 'wrap_model', 'global_mean', 'state_bytes', 'synthetic_tokens', 'train_parallel', 'save_sharded', 'load_sharded', 'export_hub', 'main']
 
 
 # %% notebooks/16_distributed.ipynb
+import dataclasses
 import datetime
+import json
 import os
 import queue
 import signal
@@ -18,6 +20,7 @@ import subprocess
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -78,14 +81,14 @@ def _from_wire(obj):
     return obj
 
 
-def _worker(rank, world_size, port, fn, args, results):
+def _worker(rank, world_size, port, fn, args, kwargs, results):
     """The body of each spawned process: join the gloo group through the launcher's store, run fn(*args)."""
     torch.set_num_threads(1)  # N processes on a few shared cores: one thread each
     try:
         timeout = datetime.timedelta(seconds=60)
         store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
-        results.put((rank, None, _to_wire(fn(*args))))
+        results.put((rank, None, _to_wire(fn(*args, **kwargs))))
     except BaseException:
         results.put((rank, traceback.format_exc(), None))
     finally:
@@ -94,8 +97,8 @@ def _worker(rank, world_size, port, fn, args, results):
 
 
 # %% notebooks/16_distributed.ipynb
-def run_processes(fn, *args, world_size: int = 2, timeout: float = 120.0) -> list:
-    """Run fn(*args) in world_size fresh processes joined in one gloo group on 127.0.0.1; return the list of what
+def run_processes(fn, *args, world_size: int = 2, timeout: float = 120.0, fn_kwargs: dict | None = None) -> list:
+    """Run fn(*args, **fn_kwargs) in world_size fresh processes joined in one gloo group on 127.0.0.1; return the list of what
     each rank returned. fn must be importable (a module's top-level function). A rank that raises, a rank that
     dies, or the timeout raises here with that rank's traceback; every process started is stopped in any case."""
     if world_size < 1:
@@ -107,7 +110,8 @@ def run_processes(fn, *args, world_size: int = 2, timeout: float = 120.0) -> lis
     # port 0: the OS picks a free port for the rendezvous, so two launchers never collide
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     results = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(rank, world_size, store.port, fn, args, results), daemon=True)
+    procs = [ctx.Process(target=_worker, daemon=True,
+                         args=(rank, world_size, store.port, fn, args, fn_kwargs or {}, results))
              for rank in range(world_size)]
     out, done, deadline = [None] * world_size, set(), time.monotonic() + timeout
     try:
@@ -269,3 +273,249 @@ def run_torchrun(args: list, nproc: int = 2, timeout: float = 120.0, env: dict |
         except ProcessLookupError:
             pass
         proc.wait()
+
+
+# %% notebooks/16_distributed.ipynb
+class RankBatches:
+    """This rank's rows of a global batch source: get_batch(split, step) -> (x, y), (B, T) each, is cut into
+    world_size equal blocks of rows and rank r gets block r. Same global batch and seed as one process."""
+
+    def __init__(self, get_batch, rank: int | None = None, world_size: int | None = None):
+        self.get_batch = get_batch
+        self.rank = dist.get_rank() if rank is None else rank
+        self.world_size = dist.get_world_size() if world_size is None else world_size
+
+    def __call__(self, split: str, step: int):
+        x, y = self.get_batch(split, step)  # (B, T) each: the global batch
+        B = x.shape[0]
+        if B % self.world_size:
+            raise ValueError(f"the global batch of {B} rows does not split evenly over {self.world_size} processes")
+        rows = slice(self.rank * B // self.world_size, (self.rank + 1) * B // self.world_size)
+        return x[rows], y[rows]  # (B/N, T) each
+
+
+def wrap_model(model, strategy: str, device=None):
+    """'none': the model; 'ddp': DistributedDataParallel (gradients all-reduced in buckets during backward);
+    'fsdp': FSDP2, fully_shard on every decoder block and then on the root (weights, gradients and optimizer state
+    sharded: each rank stores 1/N, all-gathers a block's weights just before using it, reduce-scatters gradients)."""
+    if strategy == "none":
+        return model
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+        ids = [device] if device is not None and torch.device(device).type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+        for layer in model.layers:
+            fully_shard(layer)  # one all-gather per block: only one block's full weights exist at a time
+        return fully_shard(model)  # the root: embedding, final norm, (tied) head
+    raise ValueError(f"unknown strategy {strategy!r}; choose none, ddp or fsdp")
+
+
+# %% notebooks/16_distributed.ipynb
+def global_mean(values) -> list:
+    """The mean over ranks of a list of floats (identity without a process group)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.tolist()
+
+
+def _local_bytes(t) -> int:
+    t = t.to_local() if hasattr(t, "to_local") else t  # a DTensor's shard on this rank
+    return t.numel() * t.element_size()
+
+
+def state_bytes(model, optimizer) -> dict:
+    """Bytes this process holds in parameters, gradients and optimizer state (its shards only, for FSDP)."""
+    params = list(model.parameters())
+    opt = sum(_local_bytes(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
+    return dict(params=sum(map(_local_bytes, params)), opt=opt,
+                grads=sum(_local_bytes(p.grad) for p in params if p.grad is not None))
+
+
+# %% notebooks/16_distributed.ipynb
+def synthetic_tokens(vocab_size: int, n: int, seed: int = 0) -> torch.Tensor:
+    """A learnable stream of n token ids: each id is 7 x the previous one (mod V), plus noise in {0, 1, 2}."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randint(0, 3, (n,), generator=g)
+    ids = torch.empty(n, dtype=torch.long)
+    ids[0] = 1
+    for i in range(1, n):
+        ids[i] = (7 * ids[i - 1] + noise[i]) % vocab_size
+    return ids.to(torch.int32)
+
+
+def train_parallel(strategy: str, model_config, train_config, tokens, *, stop_at=None, save_dir=None, resume_dir=None,
+                   export_dir=None, device="cpu", log=None) -> dict:
+    """Run on every rank (strategy 'none': alone): chapter 12's `train` on this rank's rows of each global batch of
+    `tokens`, the model wrapped per strategy. stop_at: stop after that many steps (the schedule still spans
+    train_config.steps); resume_dir: continue a sharded checkpoint; save_dir: write one at the end; export_dir: the
+    trained model in the Hub's layout. Returns {losses (mean over ranks, one per step run), start, bytes}."""
+    from qwen3_scratch.model import Qwen3Model
+    from qwen3_scratch.pretrain import TokenBatches, forward_loss, init_weights, make_optimizer, train
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    batches = RankBatches(TokenBatches(tokens, tokens[:256], train_config.batch_size, train_config.seq_len,
+                                       train_config.seed, device=device), rank, world)
+    model = init_weights(Qwen3Model(model_config), seed=train_config.seed).to(device)
+    model = wrap_model(model, strategy, device)
+    optimizer, scheduler = make_optimizer(model, train_config)  # after wrapping: FSDP's parameters are the shards
+    start = load_sharded(resume_dir, model, optimizer, scheduler) if resume_dir is not None else 0
+    run_cfg = dataclasses.replace(train_config, steps=stop_at or train_config.steps)  # where this run stops
+    history = train(model, optimizer, scheduler, batches, run_cfg, start_step=start, progress=False,
+                    world_size=world, log=log)
+    losses = global_mean([h["loss"] for h in history["train"]])
+    if save_dir is not None:
+        save_sharded(save_dir, model, optimizer, scheduler, run_cfg.steps)
+    if export_dir is not None:
+        export_hub(export_dir, model)
+    x, y = batches("train", 0)
+    forward_loss(model, x, y)[0].backward()  # one more backward, to count the gradients' bytes
+    return dict(losses=losses, start=start, bytes=state_bytes(model, optimizer))
+
+
+# %% notebooks/16_distributed.ipynb
+def _flat_state(model, optimizer) -> dict:
+    """{'model.NAME': tensor, 'optim.NAME.KEY': tensor} from DCP's state dicts (FQN-keyed, DTensors under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    msd, osd = get_state_dict(model, optimizer)
+    flat, seen = {}, set()
+    for k, v in msd.items():
+        ptr = (v.to_local() if hasattr(v, "to_local") else v).data_ptr()
+        if ptr not in seen:  # a tied lm_head is the embedding: stored once (safetensors refuses shared memory)
+            flat[f"model.{k}"] = v
+            seen.add(ptr)
+    for name, state in osd["state"].items():
+        flat.update({f"optim.{name}.{k}": v for k, v in state.items()})
+    return flat, osd["param_groups"]
+
+
+def save_sharded(directory, model, optimizer, scheduler, step: int) -> None:
+    """Every rank writes its shards (safetensors, through DCP's HuggingFaceStorageWriter); rank 0 writes
+    training_state.json (step, schedule, optimizer hyper-parameters). Call on every rank."""
+    import torch.distributed.checkpoint as dcp
+    flat, groups = _flat_state(model, optimizer)
+    dcp.save(flat, storage_writer=dcp.HuggingFaceStorageWriter(str(directory), save_distributed=True))
+    if dist.get_rank() == 0:
+        meta = dict(step=step, world_size=dist.get_world_size(), scheduler=scheduler.state_dict(), param_groups=groups)
+        (Path(directory) / "training_state.json").write_text(json.dumps(meta, indent=1) + "\n")
+    dist.barrier()  # nobody reads before everything is written
+
+
+def load_sharded(directory, model, optimizer, scheduler) -> int:
+    """Fill model, optimizer and scheduler from save_sharded's folder, each rank reading only its shards (any number
+    of ranks). Returns the step to continue from."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    path = Path(directory) / "training_state.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not a sharded training checkpoint")
+    meta = json.loads(path.read_text())
+    flat, _ = _flat_state(model, optimizer)
+    dcp.load(flat, storage_reader=dcp.HuggingFaceStorageReader(str(directory)))  # in place, shard by shard
+    msd, osd = get_state_dict(model, optimizer)
+    msd = {k: flat.get(f"model.{k}", v) for k, v in msd.items()}  # a tied head: the embedding, already filled
+    osd = dict(state={n: {k: flat[f"optim.{n}.{k}"] for k in s} for n, s in osd["state"].items()},
+               param_groups=meta["param_groups"])
+    set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd)
+    scheduler.load_state_dict(meta["scheduler"])
+    return meta["step"]
+
+
+def export_hub(directory, model) -> None:
+    """The trained model in the Hub's layout (config.json + model.safetensors, chapter 8's save_pretrained): the
+    full weights are gathered to rank 0's CPU and written there. Call on every rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from qwen3_scratch.model import Qwen3Model
+    from qwen3_scratch.pretrain import unwrap
+    from qwen3_scratch.weights import save_pretrained
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() == 0:
+        plain = Qwen3Model(unwrap(model).config)
+        plain.load_state_dict(full)
+        save_pretrained(plain.eval(), directory)
+    dist.barrier()
+
+
+# %% notebooks/16_distributed.ipynb
+def _train_parser():
+    import argparse
+    from qwen3_scratch.pretrain import TrainConfig
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog="torchrun --nproc_per_node N -m qwen3_scratch train", description=(
+        "Chapter 12's training on N processes (chapter 16): DDP or FSDP2, over NCCL on GPUs or gloo on CPUs. Writes "
+        "the tokenizer, the model in the Hub's layout and the sharded training state (DIR/sharded) for --resume."))
+    p.add_argument("--text", nargs="+", required=True, metavar="FILE", help="UTF-8 text file(s)")
+    p.add_argument("--out", required=True, metavar="DIR", help="checkpoint folder (new or empty, unless --resume)")
+    p.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp", help="data parallel or fully sharded")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="the global batch, split over the processes")
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--hidden-size", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--resume", action="store_true", help="continue the sharded state in DIR/sharded")
+    return p
+
+
+def main(argv=None) -> int:
+    """`python -m qwen3_scratch train ...`: chapter 12's command; under torchrun, data-parallel or fully sharded."""
+    from qwen3_scratch import pretrain
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not launched_by_torchrun():
+        if "--strategy" in argv:
+            print("error: --strategy needs several processes: run `torchrun --nproc_per_node N -m qwen3_scratch "
+                  "train ...`", file=sys.stderr)
+            return 2
+        return pretrain.main(argv)
+    args = _train_parser().parse_args(argv)
+    out, world = Path(args.out), int(os.environ["WORLD_SIZE"])
+    problem = None
+    if args.batch_size % world:
+        problem = f"--batch-size {args.batch_size} (the global batch) must be a multiple of the {world} processes"
+    elif args.resume and not (out / "sharded" / "training_state.json").is_file():
+        problem = f"--resume: {out / 'sharded'} holds no sharded training state"
+    elif not args.resume and out.is_dir() and any(out.iterdir()):
+        problem = f"--out {out}: folder exists and is not empty; pass --resume to continue it, or choose another"
+    texts, problem = (None, problem) if problem else pretrain._read_texts(args.text)
+    if problem:  # every rank finds the same problem, before any process group or file exists
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    device = init_from_env()
+    try:
+        _train_distributed(args, texts, out, device)
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+def _train_distributed(args, texts, out, device) -> None:
+    from qwen3_scratch.corpus import save_tokenizer, train_tokenizer
+    from qwen3_scratch.pretrain import TrainConfig, encode_documents, split_texts, tiny_config
+    from qwen3_scratch.tokenizer import Qwen3Tokenizer
+    rank = dist.get_rank()
+    train_texts, _ = split_texts(texts)
+    if rank == 0 and not args.resume:
+        save_tokenizer(train_tokenizer(train_texts, args.vocab_size), out)
+    dist.barrier()  # the other ranks read the tokenizer rank 0 has just written
+    tok = Qwen3Tokenizer(out)
+    model_config = tiny_config(tok.vocab_size, hidden_size=args.hidden_size, num_hidden_layers=args.layers,
+                               num_attention_heads=args.hidden_size // 64,
+                               num_key_value_heads=max(1, args.hidden_size // 128),
+                               intermediate_size=args.hidden_size * 5 // 2,
+                               max_position_embeddings=max(512, args.seq_len), eos_token_id=tok.endoftext_id)
+    cfg = TrainConfig(steps=args.steps, seed=args.seed, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                      min_lr=args.lr / 10, warmup_steps=min(TrainConfig.warmup_steps, max(1, args.steps // 10)),
+                      eval_every=10**9)
+    t0 = time.perf_counter()
+    result = train_parallel(args.strategy, model_config, cfg, encode_documents(tok, train_texts), device=device,
+                            resume_dir=out / "sharded" if args.resume else None, save_dir=out / "sharded",
+                            export_dir=out)
+    if rank == 0:
+        losses = result["losses"]
+        print(f"wrote {out}: {args.strategy} on {dist.get_world_size()} processes, steps {result['start']}.."
+              f"{args.steps}, train loss {losses[0]:.3f} -> {losses[-1]:.3f}, {time.perf_counter() - t0:.1f} s")
+        (out / "losses.json").write_text(json.dumps(dict(start=result["start"], losses=losses)) + "\n")

@@ -124,3 +124,89 @@ def test_generate_tp_refusals(tiny_checkpoint):
         err = io.StringIO()
         assert cli_main(argv + extra, stdout=io.StringIO(), stderr=err, stdin=io.StringIO("x")) == 1
         assert expect in err.getvalue(), err.getvalue()
+
+
+# ---- data parallel and fully sharded training (chapter 12's loop) ----
+
+def _small_run():
+    from qwen3_scratch.pretrain import TrainConfig, tiny_config
+    cfg = tiny_config(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=64)
+    tcfg = TrainConfig(steps=4, batch_size=8, seq_len=32, lr=1e-2, min_lr=1e-3, warmup_steps=2, eval_every=10**6,
+                       seed=0, autocast="none")
+    return cfg, tcfg, D.synthetic_tokens(cfg.vocab_size, 2048)
+
+
+@pytest.fixture(scope="module")
+def one_process():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cfg, tcfg, tokens = _small_run()
+    try:
+        return D.train_parallel("none", cfg, tcfg, tokens)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_rank_batches_split_the_global_batch():
+    x = torch.arange(8)[:, None].expand(8, 3)
+    parts = [D.RankBatches(lambda split, step: (x, x + 1), r, 2)("train", 0) for r in range(2)]
+    assert torch.equal(torch.cat([p[0] for p in parts]), x) and torch.equal(parts[1][1], x[4:] + 1)
+    with pytest.raises(ValueError, match="8 rows does not split evenly over 3"):
+        D.RankBatches(lambda split, step: (x, x), 0, 3)("train", 0)
+
+
+def test_ddp_reproduces_the_one_process_loss_curve(one_process):
+    cfg, tcfg, tokens = _small_run()
+    ddp = D.run_processes(D.train_parallel, "ddp", cfg, tcfg, tokens, world_size=2, timeout=180)
+    assert one_process["losses"][-1] < one_process["losses"][0]
+    for r in ddp:
+        assert r["losses"] == pytest.approx(one_process["losses"], abs=1e-4)
+        assert r["bytes"] == one_process["bytes"]  # a full replica on every rank
+
+
+def test_fsdp_reproduces_the_loss_curve_with_half_the_state(one_process):
+    cfg, tcfg, tokens = _small_run()
+    fsdp = D.run_processes(D.train_parallel, "fsdp", cfg, tcfg, tokens, world_size=2, timeout=180)
+    full = sum(one_process["bytes"].values())
+    for r in fsdp:
+        assert r["losses"] == pytest.approx(one_process["losses"], abs=1e-4)
+        assert sum(r["bytes"].values()) == pytest.approx(full / 2, rel=0.02)
+        assert r["bytes"]["params"] < 0.51 * one_process["bytes"]["params"]
+
+
+def test_fsdp_sharded_checkpoint_resumes_and_exports(one_process, tmp_path):
+    from qwen3_scratch.weights import load_pretrained
+    cfg, tcfg, tokens = _small_run()
+    first = D.run_processes(D.train_parallel, "fsdp", cfg, tcfg, tokens, world_size=2, timeout=180,
+                            fn_kwargs=dict(stop_at=2, save_dir=str(tmp_path / "ckpt")))
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "shard-00001-model-00001-of-00001.safetensors", "shard-00002-model-00001-of-00001.safetensors",
+        "training_state.json"]
+    second = D.run_processes(D.train_parallel, "fsdp", cfg, tcfg, tokens, world_size=2, timeout=180,
+                             fn_kwargs=dict(resume_dir=str(tmp_path / "ckpt"), export_dir=str(tmp_path / "hub")))
+    assert second[0]["start"] == 2
+    assert first[0]["losses"] + second[0]["losses"] == pytest.approx(one_process["losses"], abs=1e-4)
+    model = load_pretrained(tmp_path / "hub", device="cpu")
+    assert model.config == cfg
+
+
+def test_train_command_under_torchrun_ddp(tmp_path):
+    from qwen3_scratch.weights import load_pretrained
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question.\nWhether 'tis nobler in the mind to suffer.\n" * 30)
+    out = tmp_path / "run"
+    res = D.run_torchrun(["-m", "qwen3_scratch", "train", "--text", text, "--out", out, "--steps", 2,
+                          "--batch-size", 4, "--seq-len", 16, "--hidden-size", 64, "--layers", 1, "--vocab-size", 300],
+                         nproc=2, timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "ddp on 2 processes" in res.stdout
+    assert load_pretrained(out, device="cpu").config.num_hidden_layers == 1
+    assert (out / "sharded" / "training_state.json").is_file() and (out / "tokenizer.json").is_file()
+
+
+def test_train_command_without_torchrun(tmp_path, capsys):
+    assert D.main(["--text", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o"), "--strategy", "fsdp"]) == 2
+    assert "torchrun --nproc_per_node N" in capsys.readouterr().err
+    assert D.main(["--text", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")]) == 2  # chapter 12's
+    assert "missing.txt: no such file" in capsys.readouterr().err
