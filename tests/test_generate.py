@@ -4,19 +4,18 @@ chat session (history, thinking split)."""
 import pytest
 import torch
 
-from hf_ref import hf_to_scratch, tiny_hf_model
+from hf_ref import tiny_hf_model
 from qwen3_scratch.config import Qwen3Config
 from qwen3_scratch.generate import (RECOMMENDED_SAMPLING, ChatSession, StopTokens, filter_top_k, filter_top_p,
                                     generate, print_stream, sample_next, stream_generate)
-from qwen3_scratch.model import Qwen3Model
+from qwen3_scratch.hf_port import from_transformers
 from qwen3_scratch.tokenizer import Qwen3Tokenizer
 
 
 @pytest.fixture(scope="module", params=["dense", "moe"])
 def pair(request):
     hf = tiny_hf_model(moe=request.param == "moe")
-    ours = Qwen3Model(Qwen3Config.from_hf(hf.config.to_dict())).eval()
-    ours.load_state_dict(hf_to_scratch(hf.state_dict()), strict=True)
+    ours = from_transformers(hf)  # strict: every name matches
     return hf, ours
 
 
