@@ -84,7 +84,7 @@ def _generator(model, seed):
 
 
 def run_generate(args, stdin, out, shard=None) -> int:
-    if args.tp > 1 and shard is None:  # chapter 16: this process holds 1/tp of the model
+    if args.tp != 1 and shard is None:  # chapter 16: this process holds 1/tp of the model
         from qwen3_scratch.tensor_parallel import tensor_parallel_cli
         with tensor_parallel_cli(args, out) as (shard, out):
             return run_generate(args, stdin, out, shard)

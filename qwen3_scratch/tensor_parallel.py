@@ -33,8 +33,9 @@ def check_tp_degree(cfg: Qwen3Config, tp: int) -> None:
     H, K = cfg.num_attention_heads, cfg.num_key_value_heads
     if H % tp or K % tp:
         g = math.gcd(H, K)
+        ok = [d for d in range(1, g + 1) if g % d == 0]
         raise ValueError(f"tensor-parallel degree {tp} must divide num_attention_heads ({H}) and num_key_value_heads "
-                         f"({K}): each process keeps whole heads; choose one of {[d for d in range(1, g + 1) if g % d == 0]}")
+                         f"({K}): each process keeps whole heads; choose one of {ok}")
     layers = range(cfg.num_hidden_layers)
     if cfg.num_experts and any(map(cfg.is_moe_layer, layers)) and cfg.num_experts % tp:
         raise ValueError(f"tensor-parallel degree {tp} must divide num_experts ({cfg.num_experts}): "
@@ -215,7 +216,8 @@ def tensor_parallel_cli(args, out):
     this rank's share on its device; out is the real output on rank 0 and a discarded buffer elsewhere. Refuses a
     wrong process count or a P that does not divide the heads before any weight is read."""
     from qwen3_scratch.distributed import init_from_env, launched_by_torchrun
-    from qwen3_scratch.weights import choose_dtype, read_config, resolve_checkpoint
+    from qwen3_scratch.hub import resolve_checkpoint
+    from qwen3_scratch.weights import choose_dtype, read_config
     if args.prompt == "-":
         raise ValueError(f"--tp {args.tp}: give the prompt as --prompt TEXT; only one process could read stdin")
     cfg, raw = read_config(resolve_checkpoint(args.model, source=args.source))
