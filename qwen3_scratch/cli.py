@@ -55,13 +55,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # %% notebooks/09_generation.ipynb
+def _check_device(name) -> torch.device:
+    """--device as a torch.device that can hold tensors here, else one line saying why (before any loading)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device: use cpu, cuda, cuda:1, mps ...") from None
+    if device.type == "meta":
+        raise ValueError("--device meta: the meta device holds shapes but no numbers, so nothing can run on it; "
+                         "use cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device}: this PyTorch sees no CUDA GPU")
+    if device.type == "cpu" and device.index not in (None, 0):
+        raise ValueError(f"--device {device}: not usable (there is one CPU device: use cpu)")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise RuntimeError(f"--device {device}: not usable here ({str(e).splitlines()[0] if str(e) else e!r})") from None
+    return device
+
+
+def _text(value, where) -> str:
+    """A str that is valid UTF-8 (Python turns undecodable bytes of argv or stdin into lone surrogates)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{where} is not valid UTF-8 text (an undecodable byte at character {e.start})") from None
+    return value
+
+
 def load_model_and_tokenizer(name, device=None, dtype=None, source="auto"):
     """(Qwen3Model, Qwen3Tokenizer) for a checkpoint folder, repo id or preset (chapter 8): the tokenizer from
     the folder when it has a tokenizer.json, else the copy bundled with this package."""
     if device is not None:
-        device = torch.device(device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"--device {device}: this PyTorch sees no CUDA GPU")
+        device = _check_device(device)
     directory = resolve_checkpoint(name, source=source)
     model = load_pretrained(directory, dtype=dtype, device=device)
     has_own = (Path(directory) / "tokenizer.json").is_file()
@@ -88,16 +115,24 @@ def run_generate(args, stdin, out, shard=None) -> int:
         from qwen3_scratch.tensor_parallel import tensor_parallel_cli
         with tensor_parallel_cli(args, out) as (shard, out):
             return run_generate(args, stdin, out, shard)
+    if args.prompt == "-":
+        try:
+            prompt = _text(stdin.read(), "stdin")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"stdin is not valid UTF-8 text ({e.reason} at byte {e.start})") from None
+    else:
+        prompt = _text(args.prompt, "--prompt")
+    system = _text(args.system, "--system") if args.system else None
     model, tok = load_model_and_tokenizer(args.model, args.device, args.dtype, args.source)
     if shard is not None:
         model = shard(model)
-    prompt = stdin.read() if args.prompt == "-" else args.prompt
     think = not args.no_think
-    if args.chat:
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-            {"role": "user", "content": prompt}]
-        prompt = tok.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=think)
-    ids = tok.encode(prompt)
+    if args.chat:  # the prompt is a user's message: special-token text in it stays plain text
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=think, tokenize=True,
+                                      split_special_tokens=True)
+    else:  # raw text to continue: written special tokens are meant
+        ids = tok.encode(prompt)
     if not ids:
         raise ValueError("empty prompt: --prompt has no text to continue")
     device = next(model.parameters()).device
@@ -125,13 +160,17 @@ def _read_line(stdin, interactive):
         return line.rstrip("\n") if line else None
     except EOFError:
         return None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"stdin is not valid UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def run_chat(args, stdin, out) -> int:
+    system = _text(args.system, "--system") if args.system else None
     model, tok = load_model_and_tokenizer(args.model, args.device, args.dtype, args.source)
-    session = ChatSession(model, tok, system=args.system, enable_thinking=not args.no_think,
+    session = ChatSession(model, tok, system=system, enable_thinking=not args.no_think,
                           max_new_tokens=args.max_new_tokens or 1024, temperature=args.temperature,
-                          top_k=args.top_k, top_p=args.top_p, generator=_generator(model, args.seed))
+                          top_k=args.top_k, top_p=args.top_p, generator=_generator(model, args.seed),
+                          split_special_tokens=True)  # what the user types is text, never control tokens
     interactive = stdin is sys.stdin and stdin.isatty()
     color = hasattr(out, "isatty") and out.isatty()
     out.write(f"[{args.model}: thinking {'on' if session.enable_thinking else 'off'}; {CHAT_HELP}]\n")
@@ -141,6 +180,11 @@ def run_chat(args, stdin, out) -> int:
             return 0
         text = line.strip()
         if not text:
+            continue
+        try:
+            _text(text, "that line")
+        except ValueError as e:  # undecodable bytes from a pipe: say so, keep chatting
+            out.write(f"[{e}; skipped]\n")
             continue
         if text == "/think":
             session.enable_thinking = not session.enable_thinking
@@ -176,6 +220,8 @@ def main(argv=None, stdin=None, stdout=None, stderr=None) -> int:
         stderr.write(f"error: --max-new-tokens must be >= 1, got {args.max_new_tokens}\n")
         return 2
     try:
+        from qwen3_scratch.utils import default_threads  # the notebooks' default too (chapter 0 says why)
+        torch.set_num_threads(default_threads())
         return (run_chat if args.command == "chat" else run_generate)(args, stdin, stdout)
     except KeyboardInterrupt:
         stderr.write("\ninterrupted\n")

@@ -51,6 +51,9 @@ class Qwen3Config:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        for key in ("tie_word_embeddings", "norm_topk_prob"):  # bool("false") is True: refuse strings and ints
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{key} must be true or false (a JSON boolean), got {getattr(self, key)!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                              f"num_key_value_heads ({self.num_key_value_heads})")
@@ -222,7 +225,10 @@ def _fields_from_hf(d: dict) -> dict:
     d = dict(d)
     if "num_local_experts" in d:  # transformers 5's name for num_experts
         d.setdefault("num_experts", d["num_local_experts"])
-    for rope in (d.get("rope_scaling") or {}, d.get("rope_parameters") or {}):  # as released / transformers 5
+    for key in ("rope_scaling", "rope_parameters"):  # as released / transformers 5
+        if not isinstance(d.get(key) or {}, dict):
+            raise ValueError(f"{key} must be an object (or null), got {type(d[key]).__name__}: {d[key]!r}")
+    for rope in (d.get("rope_scaling") or {}, d.get("rope_parameters") or {}):
         rope_type = rope.get("rope_type", rope.get("type")) or "default"
         if rope_type != "default":
             raise ValueError(f"rope scaling {rope_type!r} is not implemented (only plain RoPE is); drop "

@@ -104,33 +104,53 @@ def _names(names, limit=8) -> str:
 
 
 # %% notebooks/08_weights.ipynb
-def checkpoint_files(directory) -> dict[str, Path]:
-    """{checkpoint tensor name: the .safetensors file holding it}, from model.safetensors.index.json
-    (sharded) or model.safetensors (single file). Checks that index and shards agree."""
+from pathlib import PurePosixPath, PureWindowsPath
+
+
+def _shard_file(index_path, name, file) -> str:
+    """A weight_map entry must name a file *in* the checkpoint folder: refuse '../x', absolute paths, drives."""
+    posix, windows = PurePosixPath(str(file)), PureWindowsPath(str(file))
+    if (not isinstance(file, str) or not file.strip() or "\0" in file or posix.is_absolute() or windows.drive
+            or windows.is_absolute() or ".." in posix.parts or ".." in windows.parts):
+        raise CheckpointError(f"{index_path}: weight_map[{name!r}] = {json.dumps(file)} is not a file name inside "
+                              "the checkpoint folder (no '..', no absolute path); refusing to read outside it")
+    return file
+
+
+def _read_index(index_path) -> dict[str, str]:
+    """{tensor name: shard file name} from model.safetensors.index.json, every entry checked."""
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index_path}: not a valid safetensors index ({e!r})") from None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index_path}: weight_map must be an object {{tensor name: shard file}}, "
+                              f"got {type(weight_map).__name__}")
+    return {name: _shard_file(index_path, name, file) for name, file in weight_map.items()}
+
+
+def _read_checkpoint(directory) -> tuple[dict[str, Path], dict[Path, dict]]:
+    """({tensor name: its .safetensors file}, {file: its checked header}): every header read exactly once."""
     directory = Path(directory)
     index_path, single = directory / INDEX_NAME, directory / SINGLE_NAME
     if index_path.is_file():
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index_path}: not a valid safetensors index ({e!r})") from None
-        files = {name: directory / file for name, file in weight_map.items()}
+        files = {name: directory / file for name, file in _read_index(index_path).items()}
         missing = sorted({p.name for p in files.values() if not p.is_file()})
         if missing:
             raise CheckpointError(f"{index_path} refers to missing shard(s): {', '.join(missing)} (in {directory}); "
                                   "the download is incomplete")
-        listed = {}
-        for shard in sorted(set(files.values())):
-            listed[shard] = {k for k in read_safetensors_header(shard) if k != "__metadata__"}
+        headers = {shard: read_safetensors_header(shard) for shard in sorted(set(files.values()))}
+        listed = {p: {k for k in h if k != "__metadata__"} for p, h in headers.items()}
         absent = sorted(n for n, p in files.items() if n not in listed[p])
         unlisted = sorted(f"{n} (in {p.name})" for p, names in listed.items() for n in names if files.get(n) != p)
         if absent or unlisted:
             raise CheckpointError(f"{index_path} disagrees with its shards: " + "; ".join(
                 ([f"listed but not in the shard: {_names(absent)}"] if absent else []) +
                 ([f"in a shard but not listed: {_names(unlisted)}"] if unlisted else [])))
-        return files
+        return files, headers
     if single.is_file():
-        return {k: single for k in read_safetensors_header(single) if k != "__metadata__"}
+        header = read_safetensors_header(single)
+        return {k: single for k in header if k != "__metadata__"}, {single: header}
     pickles = [n for n in _PICKLE_NAMES if (directory / n).exists()]
     if pickles:
         raise CheckpointError(f"{directory} has only {', '.join(pickles)} (PyTorch pickle), which is refused: "
@@ -140,18 +160,65 @@ def checkpoint_files(directory) -> dict[str, Path]:
     raise CheckpointError(f"{directory}: no {SINGLE_NAME} or {INDEX_NAME} (found: {', '.join(found) or 'nothing'})")
 
 
+def checkpoint_files(directory) -> dict[str, Path]:
+    """{checkpoint tensor name: the .safetensors file holding it}, from model.safetensors.index.json
+    (sharded) or model.safetensors (single file). Checks that index and shards agree."""
+    return _read_checkpoint(directory)[0]
+
+
+def _stored(files: dict, headers: dict) -> dict:
+    """{name: (stored dtype, shape)} from the headers, plus the shard's path when there are several (for messages)."""
+    several = len(headers) > 1
+    return {n: (headers[p][n]["dtype"], headers[p][n]["shape"]) + ((p,) if several else ()) for n, p in files.items()}
+
+
 # %% notebooks/08_weights.ipynb
 def checkpoint_name(param_name: str) -> str:
     """Our parameter name -> the checkpoint's: 'layers.0.mlp.gate.weight' -> 'model.layers.0.mlp.gate.weight'."""
     return param_name if param_name.startswith("lm_head.") else "model." + param_name
 
 
-def expected_tensors(model: torch.nn.Module) -> dict[str, tuple]:
-    """{checkpoint name: shape} that a checkpoint for `model` must hold (no lm_head.weight when tied).
-    Works on a model built on the meta device: only names and shapes are read."""
+def _count_tensors(cfg: Qwen3Config) -> int:
+    """How many tensors a checkpoint for `cfg` holds, by arithmetic (a config.json may claim 10**9 experts)."""
+    L, E = cfg.num_hidden_layers, cfg.num_experts
+    step = cfg.decoder_sparse_step
+    moe = 0 if E == 0 else L // step - len({i for i in cfg.mlp_only_layers if (i + 1) % step == 0})
+    per_layer = 8  # 2 norms, q/k/v/o projections, q_norm, k_norm
+    return 2 + (not cfg.tie_word_embeddings) + L * per_layer + (L - moe) * 3 + moe * (1 + 3 * E)
+
+
+def expected_tensors(model_or_config) -> dict[str, tuple]:
+    """{checkpoint name: shape} that a checkpoint must hold (no lm_head.weight when tied), for a model (read
+    from its parameters: a model built on the meta device is fine) or for a Qwen3Config (by arithmetic, so that
+    a config.json can be checked against the stored tensors before anything is built)."""
+    if isinstance(model_or_config, Qwen3Config):
+        return _expected_from_config(model_or_config)
+    model = model_or_config
     tied = model.lm_head.weight is model.embed_tokens.weight
     return {checkpoint_name(k): tuple(v.shape) for k, v in model.state_dict().items()
             if not (tied and k == "lm_head.weight")}
+
+
+def _expected_from_config(c: Qwen3Config) -> dict[str, tuple]:
+    D, H, K, Dh, V = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.vocab_size
+    out = {"model.embed_tokens.weight": (V, D)}
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        out.update({p + "input_layernorm.weight": (D,), p + "self_attn.q_proj.weight": (H * Dh, D),
+                    p + "self_attn.k_proj.weight": (K * Dh, D), p + "self_attn.v_proj.weight": (K * Dh, D),
+                    p + "self_attn.o_proj.weight": (D, H * Dh), p + "self_attn.q_norm.weight": (Dh,),
+                    p + "self_attn.k_norm.weight": (Dh,), p + "post_attention_layernorm.weight": (D,)})
+        if c.is_moe_layer(i):
+            I, mlps = c.moe_intermediate_size, [p + f"mlp.experts.{e}." for e in range(c.num_experts)]
+            out[p + "mlp.gate.weight"] = (c.num_experts, D)
+        else:
+            I, mlps = c.intermediate_size, [p + "mlp."]
+        for m in mlps:
+            out.update({m + "gate_proj.weight": (I, D), m + "up_proj.weight": (I, D), m + "down_proj.weight": (D, I)})
+    out["model.norm.weight"] = (D,)
+    if not c.tie_word_embeddings:
+        out["lm_head.weight"] = (V, D)
+    return out
 
 
 # %% notebooks/08_weights.ipynb
@@ -184,22 +251,44 @@ def choose_dtype(dtype, device, config: dict, found: dict | None = None) -> torc
         stored = config.get("torch_dtype") or config.get("dtype")
         if stored:
             return parse_dtype(stored, what="config.json dtype")
-        kinds = [d for d, _ in (found or {}).values() if d in _FLOAT_DTYPES]
+        kinds = [v[0] for v in (found or {}).values() if v[0] in _FLOAT_DTYPES]  # v: (dtype, shape[, file])
         return _ST_DTYPES[max(set(kinds), key=kinds.count)][1] if kinds else torch.float32
     return torch.float32
 
 
 # %% notebooks/08_weights.ipynb
-def _same_as_embedding(path, embedding: torch.Tensor, rows: int = 8192) -> bool:
-    """Does the lm_head.weight stored in `path` equal `embedding` (V, D)? Compared `rows` rows at a time from
-    the memory-mapped file, so the redundant copy is never materialized whole."""
-    with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
-        stored = f.get_slice("lm_head.weight")
-        for i in range(0, embedding.shape[0], rows):
-            block = stored[i:i + rows].to(device=embedding.device, dtype=embedding.dtype)  # (rows, D)
-            if not torch.equal(block, embedding[i:i + rows]):
-                return False
+def _same_as_embedding(source, embedding: torch.Tensor, rows: int = 8192) -> bool:
+    """Does the lm_head.weight stored in `source` (a path, or a file already opened with safe_open) equal
+    `embedding` (V, D)? Compared `rows` rows at a time from the memory-mapped file, so the redundant copy is
+    never materialized whole."""
+    if isinstance(source, (str, Path)):
+        with safetensors.safe_open(str(source), framework="pt", device="cpu") as f:
+            return _same_as_embedding(f, embedding, rows)
+    stored = source.get_slice("lm_head.weight")
+    for i in range(0, embedding.shape[0], rows):
+        block = stored[i:i + rows].to(device=embedding.device, dtype=embedding.dtype)  # (rows, D)
+        if not torch.equal(block, embedding[i:i + rows]):
+            return False
     return True
+
+
+def _warn_non_finite(tensors: dict, files: dict) -> None:
+    """Warn, naming each tensor and its file, when a loaded tensor holds NaN or inf. Cheap: one fp32 sum per
+    tensor and one device sync in all; only tensors whose sum is not finite are counted exactly (a sum can
+    overflow on large finite values)."""
+    if not tensors:
+        return
+    sums = torch.stack([t.sum(dtype=torch.float32) for t in tensors.values()])  # (N,)
+    suspects = [name for name, ok in zip(tensors, sums.isfinite().tolist()) if not ok]
+    bad = []
+    for name in suspects:
+        t = tensors[name]
+        counts = [(int(t.isnan().sum()), "NaN"), (int(t.isinf().sum()), "inf")]
+        if any(n for n, _ in counts):
+            what = " and ".join(f"{n:,} {kind}" for n, kind in counts if n)
+            bad.append(f"{name} holds {what} values (in {Path(files[name]).name})")
+    if bad:
+        warnings.warn(f"non-finite weights loaded (the model will produce NaN): {'; '.join(bad)}")
 
 
 def _materialize_buffers(model: torch.nn.Module, device) -> None:
@@ -217,15 +306,24 @@ def _materialize_buffers(model: torch.nn.Module, device) -> None:
 def load_state_dict_strict(model: Qwen3Model, directory, dtype=None, device=None) -> Qwen3Model:
     """Fill `model` (ideally built on the meta device) from the checkpoint in `directory`, strictly: every stored
     tensor is used, every parameter is filled with the right shape, checked from the headers before loading.
-    Tensors go straight to `device` in `dtype` (see choose_dtype), one at a time. Returns the model."""
-    directory = Path(directory)
-    files = checkpoint_files(directory)
-    shards = sorted(set(files.values()))
-    found = {}  # name -> (stored dtype, shape), plus the shard's path when there are several, for the messages
-    for path in shards:
-        header = read_safetensors_header(path)
-        found.update({n: (header[n]["dtype"], header[n]["shape"]) + ((path,) if len(shards) > 1 else ())
-                      for n, p in files.items() if p == path})
+    Tensors go straight to `device` in `dtype` (see choose_dtype). All or nothing: every shard is opened and
+    read before the first parameter is replaced, so a failure leaves `model` as it was. Returns the model."""
+    return _load_checked(model, Path(directory), *_read_checkpoint(directory), dtype=dtype, device=device)
+
+
+def _read_json_object(path) -> dict:
+    """config.json as a dict for the dtype choice; {} when absent (read_config has the strict reader)."""
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    return raw if isinstance(raw, dict) else {}
+
+
+def _load_checked(model, directory, files, headers, dtype=None, device=None):
+    found = _stored(files, headers)
     expected = expected_tensors(model)
     tied = model.lm_head.weight is model.embed_tokens.weight
     redundant_head = tied and "lm_head.weight" in found  # a tied checkpoint that stores the shared matrix twice
@@ -233,33 +331,43 @@ def load_state_dict_strict(model: Qwen3Model, directory, dtype=None, device=None
         expected["lm_head.weight"] = tuple(model.lm_head.weight.shape)
     check_tensors(expected, found, where=str(directory))
 
-    config = json.loads((directory / "config.json").read_text()) if (directory / "config.json").is_file() else {}
     device = torch.device(device) if device is not None else default_device()
+    if device.type == "meta":
+        raise ValueError("device='meta' holds shapes but no numbers: load onto cpu or cuda (to inspect shapes "
+                         "only, build the model under torch.device('meta') and skip loading)")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    dtype = choose_dtype(dtype, device, config, found)
+    dtype = choose_dtype(dtype, device, _read_json_object(directory / "config.json"), found)
     ours = {checkpoint_name(k): k for k in model.state_dict()}
-    for path in shards:
-        shard = {}
-        try:  # safe_open memory-maps the file and creates each tensor directly on `device`
+    state, untie, compared = {}, False, False  # state: our name -> tensor, all read before anything is assigned
+    for path in headers:
+        try:  # safe_open validates the file its own way, memory-maps it, creates each tensor directly on `device`
             with safetensors.safe_open(str(path), framework="pt", device=str(device)) as f:
                 for name in f.keys():
                     if redundant_head and name == "lm_head.weight":
-                        continue  # checked against the embedding below, never loaded
-                    shard[ours[name]] = f.get_tensor(name).to(dtype)  # no copy when already stored in `dtype`
+                        continue  # compared with the embedding below, loaded only if it differs
+                    state[ours[name]] = f.get_tensor(name).to(dtype)  # no copy when already stored in `dtype`
+                if redundant_head and path == files["lm_head.weight"] and "embed_tokens.weight" in state:
+                    untie, compared = not _same_as_embedding(f, state["embed_tokens.weight"]), True
+                    if untie:
+                        state["lm_head.weight"] = f.get_tensor("lm_head.weight").to(dtype)
         except safetensors.SafetensorError as e:
             raise CheckpointError(f"{path}: unreadable safetensors file ({e}); re-download it") from None
-        model.load_state_dict(shard, strict=False, assign=True)  # assign: the tensors become the parameters
-        del shard
-    if tied:
-        model.lm_head.weight = model.embed_tokens.weight
-        if redundant_head and not _same_as_embedding(files["lm_head.weight"], model.embed_tokens.weight):
-            warnings.warn(f"{files['lm_head.weight']}: config.json says tie_word_embeddings=true, but the stored "
-                          "lm_head.weight differs from model.embed_tokens.weight; untying and using the stored "
-                          "head, as transformers does")
+    if redundant_head and not compared:  # the embedding's shard came after the head's: compare now
+        untie = not _same_as_embedding(files["lm_head.weight"], state["embed_tokens.weight"])
+        if untie:
             with safetensors.safe_open(str(files["lm_head.weight"]), framework="pt", device=str(device)) as f:
-                model.lm_head.weight = torch.nn.Parameter(f.get_tensor("lm_head.weight").to(dtype))
-            model.config.tie_word_embeddings = False
+                state["lm_head.weight"] = f.get_tensor("lm_head.weight").to(dtype)
+    _warn_non_finite({checkpoint_name(k): t for k, t in state.items()}, files)
+    # every file is read: only now replace the parameters (assign: the tensors become the parameters)
+    model.load_state_dict(state, strict=False, assign=True)
+    if untie:
+        warnings.warn(f"{files['lm_head.weight']}: config.json says tie_word_embeddings=true, but the stored "
+                      "lm_head.weight differs from model.embed_tokens.weight; untying and using the stored "
+                      "head, as transformers does")
+        model.config.tie_word_embeddings = False
+    elif tied:
+        model.lm_head.weight = model.embed_tokens.weight
     _materialize_buffers(model, device)
     return model
 
@@ -277,15 +385,32 @@ def read_config(directory) -> tuple[Qwen3Config, dict]:
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: not a JSON object")
     if raw.get("quantization_config"):
-        method = (raw["quantization_config"] or {}).get("quant_method", "?")
+        quant = raw["quantization_config"]
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
         raise CheckpointError(f"{path}: quantized checkpoints ({method}) are not supported; use the bf16 release")
     try:
         return Qwen3Config.from_hf(raw), raw
-    except (ValueError, TypeError) as e:  # model_type, rope scaling, impossible sizes: say which file
+    except (ValueError, TypeError, OverflowError) as e:  # model_type, rope scaling, impossible sizes: name the file
         raise CheckpointError(f"{path}: {str(e).removeprefix('config dict: ')}") from None
 
 
 # %% notebooks/08_weights.ipynb
+def _check_config_against_headers(config: Qwen3Config, found: dict, directory: Path) -> None:
+    """config.json's sizes must describe the stored tensors before anything is built: a config that says
+    head_dim=2e9 or 10**6 layers would otherwise allocate gigabytes (or build for minutes) before failing."""
+    n, held = _count_tensors(config), len(found)
+    held -= config.tie_word_embeddings and "lm_head.weight" in found  # a redundant copy of a tied head
+    if n != held and n > 2 * held + 16:  # too many to list one by one
+        raise CheckpointError(
+            f"{directory / 'config.json'} describes {n:,} tensors (num_hidden_layers={config.num_hidden_layers}, "
+            f"num_experts={config.num_experts}) but the checkpoint holds {held:,}: config.json and the weights do "
+            "not belong together")
+    expected = expected_tensors(config)
+    if config.tie_word_embeddings and "lm_head.weight" in found:
+        expected["lm_head.weight"] = expected["model.embed_tokens.weight"]
+    check_tensors(expected, found, where=f"{directory} (config.json vs the stored tensors)")
+
+
 def load_pretrained(name_or_path, dtype=None, device=None, revision=None, source="auto", *,
                     cache_dir=None) -> Qwen3Model:
     """A ready-to-run Qwen3Model (eval mode) from a checkpoint folder, preset name or repo id.
@@ -293,9 +418,11 @@ def load_pretrained(name_or_path, dtype=None, device=None, revision=None, source
     device: None = chapter 00's default_device() (cuda, else mps, else cpu)."""
     directory = resolve_checkpoint(name_or_path, revision=revision, source=source, cache_dir=cache_dir)
     config, _ = read_config(directory)
+    files, headers = _read_checkpoint(directory)  # each header read once, here
+    _check_config_against_headers(config, _stored(files, headers), directory)
     with torch.device("meta"):
         model = Qwen3Model(config)
-    return load_state_dict_strict(model, directory, dtype=dtype, device=device).eval()
+    return _load_checked(model, directory, files, headers, dtype=dtype, device=device).eval()
 
 
 # %% notebooks/08_weights.ipynb

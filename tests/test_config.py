@@ -236,3 +236,23 @@ def test_moe_layer_rule():
                       decoder_sparse_step=2, mlp_only_layers=[5])
     assert [i for i in range(8) if cfg.is_moe_layer(i)] == [1, 3, 7]
     assert not any(Qwen3Config().is_moe_layer(i) for i in range(28))
+
+
+# ---------------------------------------------------------------- hardening: JSON values of the wrong kind
+@pytest.mark.parametrize("key", ["tie_word_embeddings", "norm_topk_prob"])
+@pytest.mark.parametrize("value", ["false", "true", 0, 1, None])
+def test_boolean_fields_must_be_json_booleans(key, value):
+    """bool("false") is True: a string would silently tie (or renormalize) the wrong way."""
+    with pytest.raises(ValueError, match=rf"{key} must be true or false \(a JSON boolean\), got {value!r}"):
+        Qwen3Config(**{key: value})
+    raw = dict(Qwen3Config().to_hf(), **{key: value})
+    with pytest.raises(ValueError, match=rf"config dict: {key} must be true or false"):
+        Qwen3Config.from_hf(raw)
+
+
+@pytest.mark.parametrize("key", ["rope_scaling", "rope_parameters"])
+@pytest.mark.parametrize("value", [["linear", 2.0], "yarn", 4])
+def test_rope_scaling_must_be_an_object(key, value):
+    raw = dict(Qwen3Config().to_hf(), **{key: value})
+    with pytest.raises(ValueError, match=rf"config dict: {key} must be an object \(or null\), got "):
+        Qwen3Config.from_hf(raw)

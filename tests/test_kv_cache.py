@@ -138,3 +138,32 @@ def test_a_cache_of_the_wrong_shape_is_refused_at_the_first_layer():
     with torch.no_grad(), pytest.raises(ValueError, match=r"\(B=2, K=2, T, Dh=8\), got \(1, 2, 3, 8\)"):
         model(torch.zeros(1, 3, dtype=torch.long), kv_cache=cache)
     assert cache.pos == 0 and not cache.k.any(), "nothing written"
+
+
+def test_a_cache_grown_in_blocks_equals_a_preallocated_one(model):
+    prompt = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(1))
+    whole = KVCache.for_model(model, 2, 12)
+    grown = KVCache.for_model(model, 2, 12, block_size=3)
+    assert grown.k.shape[3] == 3 and grown.nbytes() == whole.nbytes() * 3 // 12, "one block to start with"
+    seq = torch.cat([prompt, torch.randint(0, 64, (2, 7))], dim=1)
+    with torch.no_grad():
+        a, b = model(prompt, kv_cache=whole), model(prompt, kv_cache=grown)
+        for t in range(5, 12):
+            a, b = model(seq[:, t:t + 1], kv_cache=whole), model(seq[:, t:t + 1], kv_cache=grown)
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    assert grown.k.shape == whole.k.shape, "grown up to max_len, never past it"
+    torch.testing.assert_close(grown.k, whole.k, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="max_len=12"):
+        grown.update(0, torch.zeros(2, 2, 1, 16), torch.zeros(2, 2, 1, 16))
+
+
+def test_for_model_is_bounded_by_the_context_window():
+    from qwen3_scratch.kv_cache import check_cache_length
+    cfg = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, max_position_embeddings=100)
+    model = Qwen3Model(cfg)
+    with pytest.raises(ValueError, match=r"max_len=101 is longer than the context window, max_position_embeddings=100"):
+        KVCache.for_model(model, 1, 101)
+    with pytest.raises(ValueError, match=r"max_len=10000000 is longer than .* max_position_embeddings=100"):
+        check_cache_length(model, 10**7)
+    assert KVCache.for_model(model, 1, 100).max_len == 100
