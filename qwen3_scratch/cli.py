@@ -2,9 +2,9 @@
 # Edit the notebook, then run `python tools/nb.py export`.
 """The command line: `python -m qwen3_scratch chat --model Qwen/Qwen3-0.6B` (an interactive chat that reads
 stdin line by line, so it can be piped) and `python -m qwen3_scratch generate --model DIR --prompt "..."`.
-Errors print one line to stderr and exit with status 1; usage errors exit with 2."""
+Errors print one line to stderr and exit with status 1; usage errors exit with 2. Chapter 09 owns it."""
 
-__all__ = ['DTYPES', 'CHAT_HELP', 'build_parser', 'load_model_and_tokenizer', 'sampling_options', 'run_generate', 'run_chat', 'main']
+__all__ = ['CHAT_HELP', 'build_parser', 'load_model_and_tokenizer', 'sampling_options', 'run_generate', 'run_chat', 'main']
 
 
 # %% notebooks/09_generation.ipynb
@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 
 from qwen3_scratch.generate import RECOMMENDED_SAMPLING, ChatSession, print_stream, stream_generate
+from qwen3_scratch.hub import SOURCES, resolve_checkpoint
 from qwen3_scratch.tokenizer import Qwen3Tokenizer, StreamDecoder
-from qwen3_scratch.weights import SOURCES, load_pretrained, resolve_checkpoint
+from qwen3_scratch.utils import DTYPE_CHOICES
+from qwen3_scratch.weights import load_pretrained
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 CHAT_HELP = "commands: /think (thinking on/off), /reset (forget the conversation), /exit (or Ctrl-D)"
 
 
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--source", choices=SOURCES, default="auto",
                         help="where a repo id is fetched from: auto (local folder, else the Hub), hf, modelscope")
     common.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda if available, else cpu)")
-    common.add_argument("--dtype", choices=list(DTYPES),
+    common.add_argument("--dtype", choices=DTYPE_CHOICES,
                         help="weights dtype (default: the checkpoint's on a GPU, float32 on the CPU)")
     common.add_argument("--max-new-tokens", type=int, help="most tokens per reply (chat: 1024, generate: 128)")
     common.add_argument("--temperature", type=float, help="0 = greedy (default: greedy for plain generate, "
@@ -87,7 +88,7 @@ def load_model_and_tokenizer(name, device=None, dtype=None, source="auto"):
     if device is not None:
         device = _check_device(device)
     directory = resolve_checkpoint(name, source=source)
-    model = load_pretrained(directory, dtype=DTYPES.get(dtype, dtype), device=device)
+    model = load_pretrained(directory, dtype=dtype, device=device)
     has_own = (Path(directory) / "tokenizer.json").is_file()
     return model, Qwen3Tokenizer.from_dir(directory) if has_own else Qwen3Tokenizer()
 

@@ -3,7 +3,7 @@
 """Autoregressive decoding for Qwen3: prefill the prompt into a KV cache, then one token at a time; greedy,
 temperature, top-k and top-p sampling; stop tokens; left-padded batches; streaming; and a chat session that
 keeps the history and separates Qwen3's <think> reasoning from the answer.
-Legend: B batch, T prompt tokens, V vocab. Reference: transformers' GenerationMixin (greedy and sampling)."""
+Chapter 09 owns it. Legend: B batch, T prompt tokens, V vocab. Reference: transformers' GenerationMixin (greedy and sampling)."""
 
 __all__ = ['check_sampling_args', 'filter_top_k', 'filter_top_p', 'sample_next', 'check_generate_args', 'StopTokens', 'KV_BLOCK', 'stream_generate', 'generate', 'RECOMMENDED_SAMPLING', 'ChatReply', 'ThinkingSplitter', 'print_stream', 'ChatSession', 'chat']
 

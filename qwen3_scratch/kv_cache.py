@@ -4,7 +4,7 @@
 written in place at slots pos .. pos+T-1. Preallocated for max_len tokens ("static"), or, with block_size,
 started at one block and grown by whole blocks (at least doubling) up to max_len.
 Legend: L layers, B batch, K kv heads, T new tokens, S = pos + T cached tokens, Dh head_dim.
-Reference: the static caches of gpt-fast and of transformers (StaticCache)."""
+Chapter 09 owns it. Reference: the static caches of gpt-fast and of transformers (StaticCache)."""
 
 __all__ = ['check_cache_length', 'KVCache']
 
@@ -54,9 +54,11 @@ class KVCache:
 
     def update(self, layer_idx, k, v):
         """Write k, v (B, K, T, Dh) into slots pos .. pos+T-1 of one layer; return that layer's keys and values
-        so far, (B, K, pos+T, Dh) each: views of the buffers, nothing is copied."""
+        so far, (B, K, pos+T, Dh) each: views of the buffers, nothing is copied. Shapes are checked once per
+        forward pass, at layer 0 (every layer writes the same shapes), not for every layer."""
         _, B, K, _, Dh = self.k.shape
-        if k.shape != v.shape or k.dim() != 4 or (k.shape[0], k.shape[1], k.shape[3]) != (B, K, Dh):
+        if layer_idx == 0 and (k.shape != v.shape or k.dim() != 4
+                               or (k.shape[0], k.shape[1], k.shape[3]) != (B, K, Dh)):
             raise ValueError(f"KVCache.update: k and v must be (B={B}, K={K}, T, Dh={Dh}), "
                              f"got {tuple(k.shape)} and {tuple(v.shape)}")
         end = self.pos + k.shape[2]

@@ -3,14 +3,14 @@
 """Qwen3's tokenizer: the released byte-level BPE (run by the `tokenizers` library), Qwen3's chat template
 re-written in plain Python, and a streaming decoder for generation. Qwen3-specific: no BOS token, `<|im_end|>`
 ends a chat turn, `<think>...</think>` holds the reasoning. Reference: `tokenizer.json` and
-`tokenizer_config.json` from the Qwen3 checkpoints (bundled in `qwen3_scratch/data/`, see the NOTICE there)."""
+`tokenizer_config.json` from the Qwen3 checkpoints (bundled in `qwen3_scratch/data/`, see the NOTICE there).
+Chapter 01 owns it."""
 
 __all__ = ['bundled_tokenizer_dir', 'byte_decoder', 'Qwen3Tokenizer', 'render_chat', 'StreamDecoder']
 
 
 # %% notebooks/01_tokenizer.ipynb
 import codecs
-import importlib.util
 import json
 import re
 from collections.abc import Mapping
@@ -18,13 +18,13 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from qwen3_scratch.utils import package_dir
+
 
 # %% notebooks/01_tokenizer.ipynb
 def bundled_tokenizer_dir() -> Path:
     """The folder with the tokenizer files shipped inside the package, so that nothing needs downloading."""
-    spec = importlib.util.find_spec("qwen3_scratch")  # locate the package without importing it
-    pkg_dir = Path(spec.origin).parent if spec.origin else Path(next(iter(spec.submodule_search_locations)))
-    return pkg_dir / "data"
+    return package_dir() / "data"
 
 
 def byte_decoder() -> dict[str, int]:

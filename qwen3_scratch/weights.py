@@ -2,27 +2,28 @@
 # Edit the notebook, then run `python tools/nb.py export`.
 """Load released Qwen3 checkpoints (config.json + safetensors, single or sharded, dense or MoE) into Qwen3Model,
 strictly: every stored tensor must map to a parameter of the right shape, checked from the headers first.
-Also finds checkpoints on the Hugging Face Hub or ModelScope, and writes checkpoints in the same format.
-Reference: the safetensors format (github.com/huggingface/safetensors) and the Hub's cache layout."""
+Also writes checkpoints in the same format; finding a checkpoint (a folder, the Hub, ModelScope) is hub.py's job.
+Chapter 08 owns it. Reference: the safetensors format (github.com/huggingface/safetensors)."""
 
-__all__ = ['CheckpointError', 'read_safetensors_header', 'checkpoint_files', 'checkpoint_name', 'expected_tensors', 'check_tensors', 'choose_dtype', 'load_state_dict_strict', 'HUB_PATTERNS', 'SOURCES', 'preset_repo_id', 'resolve_checkpoint', 'read_config', 'load_pretrained', 'save_pretrained']
+__all__ = ['CheckpointError', 'read_safetensors_header', 'checkpoint_files', 'checkpoint_name', 'expected_tensors', 'check_tensors', 'choose_dtype', 'load_state_dict_strict', 'read_config', 'load_pretrained', 'save_pretrained']
 
 
 # %% notebooks/08_weights.ipynb
 import json
 import math
-import os
 import re
 import struct
 import warnings
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import safetensors
 import torch
 
-from qwen3_scratch.config import HF_REPOS, Qwen3Config
+from qwen3_scratch.config import Qwen3Config
+from qwen3_scratch.hub import resolve_checkpoint
 from qwen3_scratch.model import Qwen3Model
-from qwen3_scratch.rope import RotaryEmbedding, rope_inv_freq
+from qwen3_scratch.rope import RotaryEmbedding
+from qwen3_scratch.utils import default_device, parse_dtype
 
 
 # %% notebooks/08_weights.ipynb
@@ -103,9 +104,6 @@ def _names(names, limit=8) -> str:
 
 
 # %% notebooks/08_weights.ipynb
-from pathlib import PurePosixPath, PureWindowsPath
-
-
 def _shard_file(index_path, name, file) -> str:
     """A weight_map entry must name a file *in* the checkpoint folder: refuse '../x', absolute paths, drives."""
     posix, windows = PurePosixPath(str(file)), PureWindowsPath(str(file))
@@ -241,41 +239,21 @@ def check_tensors(expected: dict, found: dict, where="checkpoint") -> None:
 
 
 # %% notebooks/08_weights.ipynb
-_DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-                "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-                "float64": torch.float64, "fp64": torch.float64}
-
-
-def _as_dtype(dtype, what="dtype") -> torch.dtype:
-    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
-        return dtype
-    key = str(dtype).removeprefix("torch.").lower()
-    if key not in _DTYPE_NAMES:
-        raise ValueError(f"{what}={dtype!r} is not a floating-point dtype; use one of {', '.join(_DTYPE_NAMES)}")
-    return _DTYPE_NAMES[key]
-
-
-# %% notebooks/08_weights.ipynb
 def choose_dtype(dtype, device, config: dict, found: dict | None = None) -> torch.dtype:
     """The dtype to load into. Asked for: that. "auto" or on CUDA: the checkpoint's (config.json's
     torch_dtype/dtype, else the stored tensors'). Otherwise float32 (CPUs are slow and imprecise in bf16)."""
     if dtype is not None and dtype != "auto":
-        return _as_dtype(dtype)
+        return parse_dtype(dtype)
     if dtype == "auto" or torch.device(device).type == "cuda":
         stored = config.get("torch_dtype") or config.get("dtype")
         if stored:
-            return _as_dtype(stored, what="config.json dtype")
+            return parse_dtype(stored, what="config.json dtype")
         kinds = [v[0] for v in (found or {}).values() if v[0] in _FLOAT_DTYPES]  # v: (dtype, shape[, file])
         return _ST_DTYPES[max(set(kinds), key=kinds.count)][1] if kinds else torch.float32
     return torch.float32
 
 
 # %% notebooks/08_weights.ipynb
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _same_as_embedding(source, embedding: torch.Tensor, rows: int = 8192) -> bool:
     """Does the lm_head.weight stored in `source` (a path, or a file already opened with safe_open) equal
     `embedding` (V, D)? Compared `rows` rows at a time from the memory-mapped file, so the redundant copy is
@@ -311,10 +289,11 @@ def _warn_non_finite(tensors: dict, files: dict) -> None:
 
 
 def _materialize_buffers(model: torch.nn.Module, device) -> None:
-    """Non-persistent buffers are not in checkpoints: compute them on the target device (kept in fp32)."""
+    """Non-persistent buffers are not in checkpoints: move them to the target device (RoPE's inv_freq stays fp32:
+    RotaryEmbedding recomputes it on every move, chapter 03)."""
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
-            module.inv_freq = rope_inv_freq(module.head_dim, module.theta).to(device)
+            module.to(device)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise CheckpointError(f"still on the meta device after loading: {_names(left)}")
@@ -349,7 +328,7 @@ def _load_checked(model, directory, files, headers, dtype=None, device=None):
         expected["lm_head.weight"] = tuple(model.lm_head.weight.shape)
     check_tensors(expected, found, where=str(directory))
 
-    device = torch.device(device) if device is not None else _default_device()
+    device = torch.device(device) if device is not None else default_device()
     if device.type == "meta":
         raise ValueError("device='meta' holds shapes but no numbers: load onto cpu or cuda (to inspect shapes "
                          "only, build the model under torch.device('meta') and skip loading)")
@@ -388,123 +367,6 @@ def _load_checked(model, directory, files, headers, dtype=None, device=None):
         model.lm_head.weight = model.embed_tokens.weight
     _materialize_buffers(model, device)
     return model
-
-
-# %% notebooks/08_weights.ipynb
-HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", INDEX_NAME, "tokenizer.json",
-                "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json"]
-SOURCES = ("auto", "local", "hf", "modelscope")
-
-
-def preset_repo_id(name: str) -> str | None:
-    """'0.6B' -> 'Qwen/Qwen3-0.6B' (the official repository of a preset, from chapter 07's HF_REPOS), else None."""
-    return HF_REPOS.get(name)
-
-
-def _env_flag(name: str):
-    """True/False for an environment variable such as HF_HUB_OFFLINE=1, None when it is not set."""
-    value = os.environ.get(name)
-    return None if value is None else value.strip().lower() in ("1", "true", "yes", "on")
-
-
-def _hub_cache_dir():
-    """HF_HUB_CACHE / HF_HOME as they are *now* (huggingface_hub reads them once, at import)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.environ["HF_HUB_CACHE"]
-    if os.environ.get("HF_HOME"):
-        return os.path.join(os.environ["HF_HOME"], "hub")
-    return None
-
-
-# %% notebooks/08_weights.ipynb
-def _network_errors() -> tuple:
-    """The exception types that mean 'could not reach the Hub, and no cached copy'."""
-    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
-    errors = [LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError, TimeoutError]
-    for mod in ("httpx2", "httpx", "requests"):  # whichever HTTP client this huggingface_hub uses
-        try:
-            lib = __import__(mod)
-        except ImportError:
-            continue
-        errors += [getattr(lib, n, None) for n in ("TransportError", "ConnectionError", "Timeout")]
-    return tuple(e for e in errors if isinstance(e, type) and issubclass(e, BaseException))
-
-
-def _no_network(repo_id: str, why: str) -> RuntimeError:
-    return RuntimeError(
-        f"could not download {repo_id} ({why}). Download it where you have internet with "
-        f"'hf download {repo_id} --local-dir DIR' (or set HF_ENDPOINT to a mirror, or use source='modelscope') "
-        "and pass that DIR.")
-
-
-# %% notebooks/08_weights.ipynb
-def _from_hub(repo_id, revision, cache_dir, local_files_only) -> Path:
-    import huggingface_hub
-    from huggingface_hub import constants as hub_constants  # a submodule: not an attribute until imported
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
-    offline = local_files_only
-    if offline is None:  # follow HF_HUB_OFFLINE as it is now, else as huggingface_hub read it at import
-        offline = _env_flag("HF_HUB_OFFLINE")
-        offline = hub_constants.HF_HUB_OFFLINE if offline is None else offline
-    try:
-        folder = huggingface_hub.snapshot_download(
-            repo_id, revision=revision, allow_patterns=HUB_PATTERNS, cache_dir=cache_dir or _hub_cache_dir(),
-            endpoint=os.environ.get("HF_ENDPOINT") or None, local_files_only=offline)
-    except RevisionNotFoundError:
-        raise RuntimeError(f"{repo_id} has no revision {revision!r} on the Hub") from None
-    except GatedRepoError:
-        raise RuntimeError(f"{repo_id} is gated: accept its licence on the Hub and log in ('hf auth login')") from None
-    except RepositoryNotFoundError:
-        raise RuntimeError(f"{repo_id} was not found on the Hub (check the spelling; private repos need "
-                           "'hf auth login')") from None
-    except _network_errors():
-        if not offline:
-            why = "no network?"
-        elif local_files_only:
-            why = "not in the local cache, and local_files_only=True"
-        else:
-            why = "not in the local cache and HF_HUB_OFFLINE=1"
-        raise _no_network(repo_id, why) from None
-    return Path(folder)
-
-
-# %% notebooks/08_weights.ipynb
-def _from_modelscope(repo_id, revision, cache_dir) -> Path:
-    try:
-        import modelscope
-    except ImportError:
-        raise ImportError("source='modelscope' needs the modelscope package: pip install modelscope") from None
-    kwargs = dict(revision=revision) if revision else {}
-    try:
-        folder = modelscope.snapshot_download(repo_id, cache_dir=cache_dir, allow_patterns=HUB_PATTERNS, **kwargs)
-    except Exception as e:  # modelscope's errors have no common base class; keep the reason on one line
-        raise RuntimeError(f"could not download {repo_id} from ModelScope ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else ''}). Download it where you have internet "
-                           f"and pass the folder.") from None
-    return Path(folder)
-
-
-# %% notebooks/08_weights.ipynb
-def resolve_checkpoint(name_or_path, revision=None, source="auto", *, cache_dir=None,
-                       local_files_only=None) -> Path:
-    """A local checkpoint folder for a directory, a preset name ('0.6B'), or a repo id ('Qwen/Qwen3-0.6B') fetched
-    from the Hugging Face Hub (default) or ModelScope (source='modelscope'). local_files_only=None follows
-    HF_HUB_OFFLINE; cache_dir=None follows HF_HUB_CACHE."""
-    if source not in SOURCES:
-        raise ValueError(f"source={source!r}; choose one of {', '.join(SOURCES)}")
-    path = Path(os.path.expanduser(str(name_or_path)))
-    if source in ("auto", "local") and path.exists():
-        if revision is not None:
-            raise ValueError(f"revision={revision!r} only applies to repo ids, not to the local path {path}")
-        return path if path.is_dir() else path.parent
-    text = str(name_or_path)
-    repo_id = preset_repo_id(text) or text
-    if source == "local" or not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id) or text.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{name_or_path!r} is not an existing directory"
-                                + ("" if source == "local" else " nor a repo id like 'Qwen/Qwen3-0.6B'"))
-    if source == "modelscope":
-        return _from_modelscope(repo_id, revision, cache_dir)
-    return _from_hub(repo_id, revision, cache_dir, local_files_only)
 
 
 # %% notebooks/08_weights.ipynb
@@ -550,7 +412,7 @@ def load_pretrained(name_or_path, dtype=None, device=None, revision=None, source
                     cache_dir=None) -> Qwen3Model:
     """A ready-to-run Qwen3Model (eval mode) from a checkpoint folder, preset name or repo id.
     dtype: None = the checkpoint's on CUDA (bf16 for the releases), float32 on CPU; "auto" = the checkpoint's.
-    device: None = cuda if available, else cpu."""
+    device: None = chapter 00's default_device() (cuda, else mps, else cpu)."""
     directory = resolve_checkpoint(name_or_path, revision=revision, source=source, cache_dir=cache_dir)
     config, _ = read_config(directory)
     files, headers = _read_checkpoint(directory)  # each header read once, here

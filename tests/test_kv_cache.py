@@ -3,8 +3,9 @@ positions, and clear errors on overflow and misuse."""
 import pytest
 import torch
 
-from hf_ref import hf_to_scratch, tiny_hf_model
+from hf_ref import tiny_hf_model
 from qwen3_scratch.config import Qwen3Config
+from qwen3_scratch.hf_port import from_transformers
 from qwen3_scratch.kv_cache import KVCache
 from qwen3_scratch.model import Qwen3Model
 
@@ -12,9 +13,7 @@ from qwen3_scratch.model import Qwen3Model
 @pytest.fixture(scope="module", params=["dense", "moe"])
 def model(request):
     hf = tiny_hf_model(moe=request.param == "moe")
-    ours = Qwen3Model(Qwen3Config.from_hf(hf.config.to_dict())).eval()
-    ours.load_state_dict(hf_to_scratch(hf.state_dict()), strict=True)
-    return ours
+    return from_transformers(hf)  # strict: every name matches
 
 
 def ids(B, T, seed=0):
@@ -157,3 +156,14 @@ def test_for_model_is_bounded_by_the_context_window():
     with pytest.raises(ValueError, match=r"max_len=10000000 is longer than .* max_position_embeddings=100"):
         check_cache_length(model, 10**7)
     assert KVCache.for_model(model, 1, 100).max_len == 100
+
+
+def test_a_cache_of_the_wrong_shape_is_refused_at_the_first_layer():
+    """Shapes are checked once per forward pass (layer 0), before anything is written."""
+    cfg = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8)
+    model = Qwen3Model(cfg).eval()
+    cache = KVCache.for_model(model, batch_size=2, max_len=8)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"\(B=2, K=2, T, Dh=8\), got \(1, 2, 3, 8\)"):
+        model(torch.zeros(1, 3, dtype=torch.long), kv_cache=cache)
+    assert cache.pos == 0 and not cache.k.any(), "nothing written"
