@@ -14,7 +14,7 @@ import math
 import re
 import struct
 import warnings
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import safetensors
 import torch
@@ -104,9 +104,6 @@ def _names(names, limit=8) -> str:
 
 
 # %% notebooks/08_weights.ipynb
-from pathlib import PurePosixPath, PureWindowsPath
-
-
 def _shard_file(index_path, name, file) -> str:
     """A weight_map entry must name a file *in* the checkpoint folder: refuse '../x', absolute paths, drives."""
     posix, windows = PurePosixPath(str(file)), PureWindowsPath(str(file))
