@@ -81,11 +81,13 @@ class LLMEngine:
         if not batch:
             return []
         t0 = time.perf_counter()
-        logits = self._logits(batch)
+        logits = self._logits(batch)  # (B, V)
+        greedy = logits.argmax(-1).tolist()  # one call for every temperature-0 row
         out = []
-        for seq, row in zip(batch, logits):
+        for seq, row, best in zip(batch, logits, greedy):
             p = seq.params
-            tok = int(sample_next(row[None], p.temperature, p.top_k, p.top_p, seq.generator)[0])
+            tok = best if p.temperature == 0 else int(sample_next(row[None], p.temperature, p.top_k, p.top_p,
+                                                                  seq.generator)[0])
             seq.num_computed = len(seq.token_ids)
             self.blocks.register(seq.block_table, seq.token_ids, seq.num_computed)
             seq.token_ids.append(tok)

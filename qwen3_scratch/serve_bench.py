@@ -10,6 +10,7 @@ __all__ = ['BENCH_PROMPTS', 'tiny_random_model', 'timed_request', 'run_wave', 'r
 # %% notebooks/17_serving.ipynb
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -19,11 +20,12 @@ from pathlib import Path
 import openai
 import torch
 
+from qwen3_scratch.bench import random_model
 from qwen3_scratch.config import Qwen3Config
 from qwen3_scratch.model import Qwen3Model
 from qwen3_scratch.server import OpenAIServer, ServerThread, build_engine
 from qwen3_scratch.tokenizer import Qwen3Tokenizer
-from qwen3_scratch.utils import device_name
+from qwen3_scratch.utils import default_device, device_name
 
 BENCH_PROMPTS = [  # 16 different openings, so that no two requests share more than a token or two
     "First Citizen:\nBefore we proceed any further, hear me speak.", "ROMEO:\nBut, soft! what light",
@@ -126,7 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m qwen3_scratch serve-bench",
                                 description="Chapter 17's throughput benchmark: N streamed requests through the "
                                             "OpenAI-compatible server, sequentially, then concurrently.")
-    p.add_argument("--model", default="random", help="checkpoint folder, or 'random' (the chapter's tiny random model)")
+    p.add_argument("--model", default="random", help="checkpoint folder; 'random' (the chapter's tiny random model) "
+                   "or 'random:PRESET' (random weights at a release's shape, e.g. random:0.6B)")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: bfloat16 on a GPU, else float32")
     p.add_argument("--requests", type=int, default=16, help="how many requests (default 16, at most 16 prompts "
                    "are distinct; more repeat them)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per request (default 64)")
@@ -142,11 +147,15 @@ def main(argv=None) -> dict:
         raise SystemExit("error: --requests and --max-tokens must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device) if args.device else default_device()
+    dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.model == "random":
-        model, tokenizer = tiny_random_model(), Qwen3Tokenizer()
+        model, tokenizer = tiny_random_model().to(device, dtype), Qwen3Tokenizer()
+    elif args.model.startswith("random:"):
+        model, tokenizer = random_model(Qwen3Config.from_preset(args.model[7:]), dtype, device), Qwen3Tokenizer()
     else:
         from qwen3_scratch.cli import load_model_and_tokenizer
-        model, tokenizer = load_model_and_tokenizer(args.model)
+        model, tokenizer = load_model_and_tokenizer(args.model, device, dtype)
     prompts = [BENCH_PROMPTS[i % len(BENCH_PROMPTS)] for i in range(args.requests)]
     longest = max(len(tokenizer.encode(p)) for p in prompts)
     engine = build_engine(model, max_batch=args.requests, max_model_len=longest + args.max_tokens + 16)
@@ -156,6 +165,7 @@ def main(argv=None) -> dict:
     device = next(model.parameters()).device
     results["meta"] = dict(model=args.model, device=device_name(device), dtype=str(next(model.parameters()).dtype),
                            requests=args.requests, max_tokens=args.max_tokens, torch_threads=torch.get_num_threads(),
+                           load_average=[round(x, 1) for x in os.getloadavg()],  # > cores: the machine was shared
                            command="python -m qwen3_scratch serve-bench " + " ".join(argv or sys.argv[2:]))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
