@@ -144,15 +144,16 @@ def group_contrast(layer_probs, num_kv_heads):
 
 # %% notebooks/10_attention_viz.ipynb
 def widgets_available():
-    """True when ipywidgets is installed and we run in a live Jupyter kernel (not CI)."""
-    if os.environ.get("CI"):
-        return False
+    """True when ipywidgets is installed and a Jupyter *server* front end (JupyterLab, Notebook) started this
+    kernel: the server names the session in `JPY_SESSION_NAME`. Headless runners (nbconvert, nbval, papermill)
+    start kernels without it and have no front end to draw widgets, so they get the static view."""
     try:
         import ipywidgets  # noqa: F401
         from IPython import get_ipython
-        return get_ipython() is not None and "IPKernelApp" in get_ipython().config
     except ImportError:
         return False
+    shell = get_ipython()
+    return shell is not None and "IPKernelApp" in shell.config and bool(os.environ.get("JPY_SESSION_NAME"))
 
 
 def attention_explorer(model, tokenizer, prompt="The cat sat on the mat.", interactive=None):
@@ -165,9 +166,9 @@ def attention_explorer(model, tokenizer, prompt="The cat sat on the mat.", inter
         probs = capture_attention(model, ids, layers=[layer])[layer][0]   # (H, T, T)
         labels = [tokenizer.decode([i]).replace(" ", "␣") for i in ids[0].tolist()]
         fig, ax = plt.subplots(figsize=(6, 5))
-        plot_attention(probs[head], labels, ax, title=f"layer {layer}, head {head}")
-        plt.show()
-        return probs
+        im = plot_attention(probs[head], labels, ax, title=f"layer {layer}, head {head}")
+        fig.colorbar(im, ax=ax, label="attention probability")
+        plt.show()  # returns nothing: interact would print a returned tensor under the plot
 
     if interactive is None:
         interactive = widgets_available()
@@ -180,6 +181,7 @@ def attention_explorer(model, tokenizer, prompt="The cat sat on the mat.", inter
         return fig
     import ipywidgets as W
     cfg = model.config
-    return W.interact(show, text=W.Text(value=prompt, continuous_update=False),
+    return W.interact(show, text=W.Text(value=prompt, continuous_update=False, description="prompt",
+                                        layout=W.Layout(width="min(60em, 95%)")),
                       layer=W.IntSlider(0, 0, cfg.num_hidden_layers - 1),
                       head=W.IntSlider(0, 0, cfg.num_attention_heads - 1))

@@ -7,7 +7,7 @@ from hf_ref import hf_to_scratch, tiny_hf_model
 from qwen3_scratch.config import Qwen3Config
 from qwen3_scratch.model import Qwen3Model
 from qwen3_scratch.viz import (attention_entropy, attention_explorer, capture_attention, group_contrast,
-                               head_similarity, recording, sink_share, uniform_sink_share)
+                               head_similarity, recording, sink_share, uniform_sink_share, widgets_available)
 
 matplotlib.use("Agg")
 
@@ -102,6 +102,18 @@ def test_explorer_falls_back_to_static_plot(pair, monkeypatch):
     _, ours = pair
     small_vocab = type("Tok", (), {"encode": staticmethod(lambda s: [ord(c) % 256 for c in s]),
                                    "decode": staticmethod(lambda ids: "".join(chr(i) for i in ids))})
-    monkeypatch.setenv("CI", "true")
+    monkeypatch.delenv("JPY_SESSION_NAME", raising=False)  # no Jupyter server started us (as under nbval)
+    assert not widgets_available()
     fig = attention_explorer(ours, small_vocab, "hello world")
     assert len(fig.axes) == 4  # one panel per head of the middle layer
+
+
+def test_explorer_widgets_redraw_without_printing_the_tensor(pair):
+    _, ours = pair
+    small_vocab = type("Tok", (), {"encode": staticmethod(lambda s: [ord(c) % 256 for c in s]),
+                                   "decode": staticmethod(lambda ids: "".join(chr(i) for i in ids))})
+    explorer = attention_explorer(ours, small_vocab, "hello world", interactive=True)
+    text, layer, head = explorer.widget.children[:3]
+    assert text.value == "hello world" and text.layout.width, "the prompt box shows the whole default prompt"
+    layer.value = 1  # moving a slider re-runs the callback
+    assert explorer.widget.result is None, "a returned value would be printed under the heatmap on every update"
