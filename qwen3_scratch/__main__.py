@@ -12,8 +12,8 @@ COMMANDS = {
     "chat": ("qwen3_scratch.cli", True, "interactive chat with a checkpoint (chapter 9)"),
     "generate": ("qwen3_scratch.cli", True, "continue one prompt and print the new text (chapter 9)"),
     "bench": ("qwen3_scratch.bench", False, "the chapter 11 benchmarks: results/*.json|csv and figures"),
-    "serve": ("qwen3_scratch.server", False, "an OpenAI-compatible HTTP server with continuous batching (chapter 17)"),
-    "serve-bench": ("qwen3_scratch.serve_bench", False, "chapter 17's throughput benchmark: sequential vs concurrent"),
+    "serve": ("qwen3_scratch.server", True, "an OpenAI-compatible HTTP server with continuous batching (chapter 17)"),
+    "serve-bench": ("qwen3_scratch.server", True, "chapter 17's throughput benchmark: sequential vs concurrent"),
 }
 
 

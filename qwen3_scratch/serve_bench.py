@@ -4,7 +4,7 @@
 after another and then all at once; tokens/s, p50/p95 time to first token and request latency, a figure.
 `python -m qwen3_scratch serve-bench --model DIR` writes results/17_serving.json and a figure."""
 
-__all__ = ['BENCH_PROMPTS', 'tiny_random_model', 'timed_request', 'run_wave', 'run_benchmark', 'plot_benchmark', 'build_parser', 'main']
+__all__ = ['BENCH_PROMPTS', 'tiny_random_model', 'timed_request', 'run_wave', 'run_benchmark', 'plot_benchmark', 'bench_parser', 'bench_main']
 
 
 # %% notebooks/17_serving.ipynb
@@ -124,7 +124,7 @@ def plot_benchmark(results: dict):
 
 
 # %% notebooks/17_serving.ipynb
-def build_parser() -> argparse.ArgumentParser:
+def bench_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m qwen3_scratch serve-bench",
                                 description="Chapter 17's throughput benchmark: N streamed requests through the "
                                             "OpenAI-compatible server, sequentially, then concurrently.")
@@ -141,8 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
+def bench_main(argv=None) -> dict:
+    """`python -m qwen3_scratch serve-bench ...` (dispatched by server.main): run, print, write JSON and figure."""
+    args = bench_parser().parse_args(argv)
     if args.requests < 1 or args.max_tokens < 1:
         raise SystemExit("error: --requests and --max-tokens must be >= 1")
     if args.threads:

@@ -45,6 +45,7 @@ class _Request(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
+    logprobs: bool | int | None = None  # refused when asked for: this server does not return them
 
 
 class CompletionRequest(_Request):
@@ -313,6 +314,8 @@ class OpenAIServer:
         if req.model != self.model_name:
             raise APIError(404, f"model {req.model!r} does not exist; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
+        if req.logprobs:
+            raise APIError(400, "logprobs are not supported by this server", param="logprobs", code="invalid_value")
         if req.n != 1:
             raise APIError(400, f"n: only n=1 is supported, got {req.n}", param="n", code="invalid_value")
         if not 0 <= req.temperature <= 2:
@@ -462,9 +465,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    """`python -m qwen3_scratch serve --model DIR [--host 127.0.0.1] [--port 8000] [--max-batch N] ...`"""
+    """`python -m qwen3_scratch serve --model DIR [--host 127.0.0.1] [--port 8000] [--max-batch N] ...`; also
+    `serve-bench ...`, the benchmark (serve_bench.bench_main). The command name may lead argv."""
     from qwen3_scratch.cli import load_model_and_tokenizer
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve-bench"]:
+        from qwen3_scratch.serve_bench import bench_main
+        bench_main(argv[1:])
+        return 0
+    argv = argv[1:] if argv[:1] == ["serve"] else argv
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:

@@ -179,6 +179,7 @@ BAD = [  # (body changes, expected status, the field the error must name)
     ({"stream": "yes please"}, 400, "stream"),
     ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"n": 2}, 400, "n"),
+    ({"logprobs": True}, 400, "logprobs"),
     ({"model": "gpt-4"}, 404, "model"),
     ({"messages": []}, 400, "messages"),
     ({"messages": "hi"}, 400, "messages"),
