@@ -15,6 +15,15 @@ from qwen3_scratch.server import TextStream
 from qwen3_scratch.tokenizer import Qwen3Tokenizer
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices, and the server's threads share the cores: one torch thread is fastest (restored after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
