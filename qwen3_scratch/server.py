@@ -75,7 +75,8 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
     def response(self) -> JSONResponse:
-        kind = "invalid_request_error" if self.status < 500 else "service_unavailable_error"
+        kind = ("invalid_request_error" if self.status < 500 else "service_unavailable_error" if self.status == 503
+                else "server_error")
         body = {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 

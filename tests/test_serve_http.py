@@ -1,7 +1,8 @@
 """Tests for chapter 17's OpenAI-compatible server, with the real `openai` client against servers started on a
 free 127.0.0.1 port and always stopped: 8 concurrent greedy requests equal generate() alone, streaming adds up
 to the same text and ends with [DONE], usage counts, reasoning_content and enable_thinking, errors that name the
-field, a disconnect that frees its blocks, a full pool that makes requests wait, 503 + Retry-After when too many
+field, a disconnect that frees its blocks, an engine failure answered 500 while serving goes on, a full pool
+that makes requests wait, 503 + Retry-After when too many
 wait, a bounded load test, and the `python -m qwen3_scratch serve` command."""
 import json
 import os
@@ -174,6 +175,34 @@ def test_reasoning_content_and_enable_thinking(model, tok):
         off = client.chat.completions.create(**ask, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
         assert off.choices[0].message.content == "Hi" and off.choices[0].message.reasoning_content is None
         assert off.usage.prompt_tokens == on.usage.prompt_tokens + 4  # the template's empty <think>\n\n</think>\n\n
+    assert engine.blocks.num_used == 0
+
+
+class Exploding(torch.nn.Module):
+    """The tiny model, except that a forward pass containing a chosen token raises, as an out-of-memory would."""
+
+    def __init__(self, model, bad_token):
+        super().__init__()
+        self.inner, self.config, self.bad_token = model, model.config, bad_token
+
+    def forward(self, input_ids, **kwargs):
+        if (input_ids == self.bad_token).any():
+            raise RuntimeError("simulated failure")
+        return self.inner(input_ids, **kwargs)
+
+
+def test_an_engine_failure_is_a_500_and_the_server_goes_on(model, tok):
+    bad = tok.encode(" boom")[0]
+    running, engine = serving(Exploding(model, bad), tok)
+    with running:
+        r = httpx.post(running.url + "/v1/completions", json={"model": NAME, "prompt": "go boom", "max_tokens": 4})
+        assert r.status_code == 500 and "simulated failure" in r.json()["error"]["message"]
+        body = {"model": NAME, "prompt": "go boom", "max_tokens": 4, "stream": True}
+        with httpx.stream("POST", running.url + "/v1/completions", json=body) as s:
+            events = [line for line in s.iter_lines() if line]
+        assert "simulated failure" in events[-1] and "[DONE]" not in events[-1]
+        ok = client_for(running).completions.create(model=NAME, prompt="fine", max_tokens=4, temperature=0)
+        assert ok.usage.completion_tokens == 4
     assert engine.blocks.num_used == 0
 
 
