@@ -2,8 +2,8 @@
 free 127.0.0.1 port and always stopped: 8 concurrent greedy requests equal generate() alone, streaming adds up
 to the same text and ends with [DONE], usage counts, reasoning_content and enable_thinking, errors that name the
 field, a disconnect that frees its blocks, an engine failure answered 500 while serving goes on, a full pool
-that makes requests wait, 503 + Retry-After when too many
-wait, a bounded load test, and the `python -m qwen3_scratch serve` command."""
+that makes requests wait, 503 + Retry-After when too many wait, a bounded load test, and the
+`python -m qwen3_scratch serve` command."""
 import json
 import os
 import socket
