@@ -9,7 +9,6 @@ __all__ = ['StreamOptions', 'CompletionRequest', 'ChatMessage', 'ChatRequest', '
 
 # %% notebooks/17_serving.ipynb
 import argparse
-import asyncio
 import json
 import socket
 import sys
@@ -37,14 +36,14 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, logit_bias: None ...)
     model: str
     max_tokens: int | None = None
-    temperature: float = 1.0
+    temperature: float | None = None  # None (or absent): 1.0, as OpenAI
     top_p: float | None = None
     top_k: int | None = None  # not OpenAI's, but vLLM's and Qwen3's model card's
     stop: str | list[str] | None = None
     seed: int | None = None
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: int | None = 1
     logprobs: bool | int | None = None  # refused when asked for: this server does not return them
 
 
@@ -317,10 +316,11 @@ class OpenAIServer:
                            param="model", code="model_not_found")
         if req.logprobs:
             raise APIError(400, "logprobs are not supported by this server", param="logprobs", code="invalid_value")
-        if req.n != 1:
+        if req.n not in (None, 1):
             raise APIError(400, f"n: only n=1 is supported, got {req.n}", param="n", code="invalid_value")
-        if not 0 <= req.temperature <= 2:
-            raise APIError(400, f"temperature must be in [0, 2], got {req.temperature}", param="temperature",
+        temperature = 1.0 if req.temperature is None else req.temperature
+        if not 0 <= temperature <= 2:
+            raise APIError(400, f"temperature must be in [0, 2], got {temperature}", param="temperature",
                            code="invalid_value")
         if req.top_p is not None and not 0 < req.top_p <= 1:
             raise APIError(400, f"top_p must be in (0, 1], got {req.top_p}", param="top_p", code="invalid_value")
@@ -343,7 +343,7 @@ class OpenAIServer:
                            f"is {self.max_model_len} tokens and the {prompt_name} take {len(prompt_ids)}; ask for "
                            f"at most {room}", param=max_name, code="context_length_exceeded")
         stop_ids = tuple(self.tokenizer.stop_token_ids)
-        return SamplingParams(max_tokens, req.temperature, top_k, req.top_p, req.seed, stop_ids)
+        return SamplingParams(max_tokens, temperature, top_k, req.top_p, req.seed, stop_ids)
 
     async def _respond(self, req, gen: Generation, chat: bool):
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
