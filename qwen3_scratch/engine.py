@@ -86,6 +86,8 @@ class LLMEngine:
         out = []
         for seq, row, best in zip(batch, logits, greedy):
             p = seq.params
+            if p.seed is not None and seq.generator is None:
+                seq.generator = torch.Generator(device=row.device).manual_seed(p.seed)
             tok = best if p.temperature == 0 else int(sample_next(row[None], p.temperature, p.top_k, p.top_p,
                                                                   seq.generator)[0])
             seq.num_computed = len(seq.token_ids)

@@ -12,8 +12,6 @@ import itertools
 from collections import deque
 from dataclasses import dataclass
 
-import torch
-
 from qwen3_scratch.generate import check_sampling_args
 from qwen3_scratch.paged import BlockManager
 
@@ -47,7 +45,7 @@ class Sequence:
         self.num_computed = 0  # tokens whose keys and values are in the pool
         self.num_cached = 0  # prompt tokens found in the prefix cache at the last admission
         self.status, self.finish_reason, self.preemptions = "waiting", None, 0
-        self.generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
+        self.generator = None  # with a seed: this request's own torch.Generator, made by the engine on its device
 
     @property
     def num_generated(self) -> int:
