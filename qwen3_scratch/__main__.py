@@ -12,6 +12,7 @@ COMMANDS = {
     "chat": ("qwen3_scratch.cli", True, "interactive chat with a checkpoint (chapter 9)"),
     "generate": ("qwen3_scratch.cli", True, "continue one prompt and print the new text (chapter 9)"),
     "bench": ("qwen3_scratch.bench", False, "the chapter 11 benchmarks: results/*.json|csv and figures"),
+    "train": ("qwen3_scratch.pretrain", False, "train a tokenizer and a tiny Qwen3 on your text (chapter 12)"),
     "serve": ("qwen3_scratch.server", True, "an OpenAI-compatible HTTP server with continuous batching (chapter 17)"),
     "serve-bench": ("qwen3_scratch.server", True, "chapter 17's throughput benchmark: sequential vs concurrent"),
 }
