@@ -23,6 +23,7 @@ import torch
 from qwen3_scratch.bench import random_model
 from qwen3_scratch.config import Qwen3Config
 from qwen3_scratch.model import Qwen3Model
+from qwen3_scratch.pretrain import SHIPPED_MODEL
 from qwen3_scratch.server import OpenAIServer, ServerThread, build_engine
 from qwen3_scratch.tokenizer import Qwen3Tokenizer
 from qwen3_scratch.utils import default_device, device_name
@@ -128,8 +129,8 @@ def bench_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m qwen3_scratch serve-bench",
                                 description="Chapter 17's throughput benchmark: N streamed requests through the "
                                             "OpenAI-compatible server, sequentially, then concurrently.")
-    p.add_argument("--model", default="random", help="checkpoint folder; 'random' (the chapter's tiny random model) "
-                   "or 'random:PRESET' (random weights at a release's shape, e.g. random:0.6B)")
+    p.add_argument("--model", default=str(SHIPPED_MODEL), help="checkpoint folder (default: chapter 12's Shakespeare "
+                   "model); 'random' (the chapter's tiny random model) or 'random:PRESET' (e.g. random:0.6B)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: bfloat16 on a GPU, else float32")
     p.add_argument("--requests", type=int, default=16, help="how many requests (default 16, at most 16 prompts "
