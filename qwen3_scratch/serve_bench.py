@@ -165,7 +165,8 @@ def bench_main(argv=None) -> dict:
     with ServerThread(server.app) as st:
         results = run_benchmark(st.url, "bench", prompts, args.max_tokens)
     device = next(model.parameters()).device
-    results["meta"] = dict(model=args.model, device=device_name(device), dtype=str(next(model.parameters()).dtype),
+    shipped = args.model == str(SHIPPED_MODEL)
+    results["meta"] = dict(model="chapter 12 Shakespeare" if shipped else args.model, device=device_name(device), dtype=str(next(model.parameters()).dtype),
                            requests=args.requests, max_tokens=args.max_tokens, torch_threads=torch.get_num_threads(),
                            load_average=[round(x, 1) for x in os.getloadavg()],  # > cores: the machine was shared
                            command="python -m qwen3_scratch serve-bench " + " ".join(argv or sys.argv[2:]))
