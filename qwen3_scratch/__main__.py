@@ -14,6 +14,8 @@ COMMANDS = {
     "bench": ("qwen3_scratch.bench", False, "the chapter 11 benchmarks: results/*.json|csv and figures"),
     "train": ("qwen3_scratch.data_parallel", False,  # chapter 12's command; under torchrun DDP/FSDP (chapter 16)
               "train a tokenizer and a tiny Qwen3 on your text (chapter 12; under torchrun: chapter 16)"),
+    "serve": ("qwen3_scratch.server", True, "an OpenAI-compatible HTTP server with continuous batching (chapter 17)"),
+    "serve-bench": ("qwen3_scratch.server", True, "chapter 17's throughput benchmark: sequential vs concurrent"),
 }
 
 
