@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda if available, else cpu)")
     common.add_argument("--dtype", choices=list(DTYPES),
                         help="weights dtype (default: the checkpoint's on a GPU, float32 on the CPU)")
+    common.add_argument("--quantize", choices=["int8", "int4"],
+                        help="weight-only quantization while loading (chapter 14; int4 in groups of 64)")
     common.add_argument("--max-new-tokens", type=int, help="most tokens per reply (chat: 1024, generate: 128)")
     common.add_argument("--temperature", type=float, help="0 = greedy (default: greedy for plain generate, "
                         "else the model card's 0.6 thinking / 0.7 not thinking)")
@@ -52,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # %% notebooks/09_generation.ipynb
-def load_model_and_tokenizer(name, device=None, dtype=None, source="auto"):
+def load_model_and_tokenizer(name, device=None, dtype=None, source="auto", quantize=None):
     """(Qwen3Model, Qwen3Tokenizer) for a checkpoint folder, repo id or preset (chapter 8): the tokenizer from
     the folder when it has a tokenizer.json, else the copy bundled with this package."""
     if device is not None:
@@ -60,7 +62,7 @@ def load_model_and_tokenizer(name, device=None, dtype=None, source="auto"):
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"--device {device}: this PyTorch sees no CUDA GPU")
     directory = resolve_checkpoint(name, source=source)
-    model = load_pretrained(directory, dtype=DTYPES.get(dtype, dtype), device=device)
+    model = load_pretrained(directory, dtype=DTYPES.get(dtype, dtype), device=device, quantize=quantize)
     has_own = (Path(directory) / "tokenizer.json").is_file()
     return model, Qwen3Tokenizer.from_dir(directory) if has_own else Qwen3Tokenizer()
 
@@ -81,7 +83,7 @@ def _generator(model, seed):
 
 
 def run_generate(args, stdin, out) -> int:
-    model, tok = load_model_and_tokenizer(args.model, args.device, args.dtype, args.source)
+    model, tok = load_model_and_tokenizer(args.model, args.device, args.dtype, args.source, args.quantize)
     prompt = stdin.read() if args.prompt == "-" else args.prompt
     think = not args.no_think
     if args.chat:
@@ -119,7 +121,7 @@ def _read_line(stdin, interactive):
 
 
 def run_chat(args, stdin, out) -> int:
-    model, tok = load_model_and_tokenizer(args.model, args.device, args.dtype, args.source)
+    model, tok = load_model_and_tokenizer(args.model, args.device, args.dtype, args.source, args.quantize)
     session = ChatSession(model, tok, system=args.system, enable_thinking=not args.no_think,
                           max_new_tokens=args.max_new_tokens or 1024, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p, generator=_generator(model, args.seed))
