@@ -570,7 +570,10 @@ def random_model_rows(cfg: Qwen3Config, context: int = 32, warmup: int = 2, repe
     variants = {"fp32": fp32, "bf16": bf16,
                 "int8 (dequantize on the fly)": quantize_model(shared_copy(fp32), "int8", kernels=False),
                 "int8": quantize_model(shared_copy(fp32), "int8"),
-                f"int4 g{group_size}": quantize_model(shared_copy(fp32), "int4", group_size)}
+                f"int4 g{group_size}": quantize_model(shared_copy(fp32), "int4", group_size),
+                # the same weights in a bf16 model: activations, norms, attention and KV cache in bf16 too
+                "int8, bf16 model": quantize_model(shared_copy(bf16), "int8"),
+                f"int4 g{group_size}, bf16 model": quantize_model(shared_copy(bf16), "int4", group_size)}
     ao, why_not = torchao_variants(bf16, group_size)  # torchao's docs quantize a bf16 model
     variants.update(ao)
     ids = torch.randint(cfg.vocab_size, (1, kl_tokens), generator=torch.Generator().manual_seed(seed))  # (1, T)
