@@ -229,7 +229,7 @@ def test_cli_quantize_flag(model, tmp_path, capsys):
 def test_bench_quick_runs(tmp_path, monkeypatch):
     from qwen3_scratch import quant
     monkeypatch.setitem(quant.SETTINGS, "quick", dict(preset=None, context=4, warmup=0, repeats=1, kl_tokens=8,
-                                                      max_val_tokens=512))
+                                                      val_tokens=512, layer_val_tokens=512))
     monkeypatch.setattr(quant, "shipped_model_data", lambda *a, **k: None)  # the trained model: in the notebook
     monkeypatch.setattr("qwen3_scratch.bench.SMALL", dict(vocab_size=512, hidden_size=64, intermediate_size=128,
                                                           num_hidden_layers=2, num_attention_heads=4,
