@@ -10,7 +10,6 @@ __all__ = ['SCHEMES', 'GROUP_SIZES', 'QUANT_METHOD', 'quantize_int8', 'dequantiz
 
 # %% notebooks/14_quantization.ipynb
 import json
-import math
 from collections import Counter
 from pathlib import Path
 
@@ -116,7 +115,7 @@ def kernel_available(bits: int) -> bool:
 class QuantLinear(nn.Module):
     """A bias-free linear layer whose weight is stored quantized (buffers, never parameters): int8 `qweight` (N, K)
     + `scale` (N,), or int4 `qweight` uint8 (N, K/2) + `scale`, `zero` (N, K/G). Optional `pre_scale` (K,) multiplies
-    the input first (AWQ, section 6). Two ways to run, same numbers up to rounding:
+    the input first (AWQ, section 7). Two ways to run, same numbers up to rounding:
       - "dequant": rebuild the float weight and call F.linear (any device, slow: it writes the whole weight);
       - "kernel": PyTorch's fused CPU kernel, which reads the packed bytes directly, computing in `compute_dtype`.
     `last_path` says which one the last call used."""
