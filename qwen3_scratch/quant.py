@@ -5,12 +5,13 @@ every linear layer and the embedding, a dequantize-on-the-fly linear, PyTorch's 
 AWQ-style activation-aware scaling, and a safetensors checkpoint. Legend: N out features, K in features, G group
 size, V vocab, D hidden. References: gpt-fast's quantize.py; Lin et al. 2023, "AWQ"; torchao's weight-only configs."""
 
-__all__ = ['SCHEMES', 'GROUP_SIZES', 'QUANT_METHOD', 'quantize_int8', 'dequantize_int8', 'pack_int4', 'unpack_int4', 'quantize_int4', 'dequantize_int4', 'kernel_available', 'QuantLinear', 'QuantEmbedding', 'check_scheme', 'quantize_model', 'use_kernels', 'kernel_report', 'model_bytes', 'kernel_bytes', 'shared_copy', 'random_float_model', 'logits_kl', 'collect_inputs', 'output_error', 'awq_search', 'awq_scales', 'save_quantized', 'load_quantized', 'stored_bytes', 'val_loss', 'decode_speed', 'torchao_variants', 'random_model_rows', 'shipped_model_data', 'trained_rows', 'layer_errors', 'plot_tradeoffs', 'plot_layer_errors', 'SETTINGS', 'run', 'print_table', 'main']
+__all__ = ['SCHEMES', 'GROUP_SIZES', 'QUANT_METHOD', 'quantize_int8', 'dequantize_int8', 'pack_int4', 'unpack_int4', 'quantize_int4', 'dequantize_int4', 'kernel_available', 'QuantLinear', 'QuantEmbedding', 'check_scheme', 'quantize_model', 'use_kernels', 'kernel_report', 'kernels_off', 'model_bytes', 'kernel_bytes', 'shared_copy', 'random_float_model', 'logits_kl', 'collect_inputs', 'output_error', 'awq_search', 'awq_scales', 'save_quantized', 'load_quantized', 'stored_bytes', 'val_loss', 'decode_speed', 'torchao_variants', 'release_memory', 'random_model_rows', 'shipped_model_data', 'trained_rows', 'layer_errors', 'plot_tradeoffs', 'plot_layer_errors', 'SETTINGS', 'run', 'print_table', 'main']
 
 
 # %% notebooks/14_quantization.ipynb
 import json
 from collections import Counter
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import safetensors
@@ -138,15 +139,12 @@ class QuantLinear(nn.Module):
         if pre_scale is not None:
             w = w.float() / pre_scale  # W x = (W / s)(s x): the columns the inputs make important grow
             layer.pre_scale = pre_scale.to(torch.float32).clone()
-        if bits == 8:
-            q, scale = quantize_int8(w)
-            layer.register_buffer("qweight", q)
-            layer.register_buffer("scale", scale)
-        else:
-            packed, scale, zero = quantize_int4(w, group_size)
-            layer.register_buffer("qweight", packed)
-            layer.register_buffer("scale", scale)
-            layer.register_buffer("zero", zero)
+        # a few thousand rows at a time: the float temporaries of a (151936, 1024) head would be GBs at once
+        quantize = quantize_int8 if bits == 8 else lambda rows: quantize_int4(rows, group_size)
+        parts = [quantize(w[i:i + 4096]) for i in range(0, N, 4096)]
+        names = ("qweight", "scale") if bits == 8 else ("qweight", "scale", "zero")
+        for name, pieces in zip(names, zip(*parts)):
+            layer.register_buffer(name, torch.cat(pieces) if len(pieces) > 1 else pieces[0])
         return layer
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
@@ -282,6 +280,19 @@ def use_kernels(model: nn.Module, enable: bool = True, compute_dtype=torch.bfloa
 def kernel_report(model: nn.Module) -> Counter:
     """Which path each QuantLinear took in its last call: the proof of which kernel ran."""
     return Counter(m.last_path or "not run yet" for m in model.modules() if isinstance(m, QuantLinear))
+
+
+@contextmanager
+def kernels_off(model: nn.Module):
+    """Run `model` on the dequantize path for a while (no re-packing: the kernels' data stays ready)."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear) and m.use_kernel]
+    for m in layers:
+        m.use_kernel = False
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.use_kernel = True
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -510,14 +521,22 @@ def val_loss(model: nn.Module, batches) -> float:
     return total / max(count, 1)
 
 
-def decode_speed(models: dict, context: int = 32, warmup: int = 2, repeats: int = 5) -> dict:
+def decode_speed(models: dict, context: int = 32, warmup: int = 2, repeats: int = 5, modes: dict | None = None) -> dict:
     """{name: {"tok_s", "ms_median", "ms_min", "ms_max"}} of one batch-1 decode step with `context` cached tokens
-    (chapter 11's decode_steps), every model timed round-robin so that background load hits all of them alike."""
+    (chapter 11's decode_steps), every model timed round-robin so that background load hits all of them alike.
+    modes: {name: a context manager factory, e.g. kernels_off} entered around that model's steps."""
     import statistics
     import time
 
     from qwen3_scratch.bench import decode_steps
-    steps = {name: decode_steps(m, [context])[context] for name, m in models.items()}
+    modes = modes or {}
+
+    def in_mode(name, step):
+        def run():
+            with modes.get(name, nullcontext)(models[name]):
+                step()
+        return run
+    steps = {name: in_mode(name, decode_steps(m, [context])[context]) for name, m in models.items()}
     for step in steps.values():
         for _ in range(warmup):
             step()
@@ -560,31 +579,49 @@ def torchao_variants(model: Qwen3Model, group_size: int = 64) -> tuple[dict, str
 
 
 # %% notebooks/14_quantization.ipynb
+def release_memory() -> None:
+    """Hand freed memory back to the OS. Quantizing a big model frees many mid-sized temporaries that glibc's malloc
+    keeps for reuse; without this, a 0.6B-shaped run holds GBs it no longer uses (on a shared machine, that hurts)."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to do
+        pass
+
+
 def random_model_rows(cfg: Qwen3Config, context: int = 32, warmup: int = 2, repeats: int = 5, kl_tokens: int = 64,
                       group_size: int = 64, seed: int = 0) -> tuple[list, str | None]:
     """Bytes, decode tokens/s and KL from the fp32 logits for every variant of one random model shaped by `cfg`,
     all alive at once and timed round-robin. Returns (rows, why torchao is missing or None)."""
     fp32 = random_float_model(cfg, seed)
     bf16 = shared_copy(fp32, torch.bfloat16)
-    variants = {"fp32": fp32, "bf16": bf16,
-                "int8 (dequantize on the fly)": quantize_model(shared_copy(fp32), "int8", kernels=False),
-                "int8": quantize_model(shared_copy(fp32), "int8"),
-                f"int4 g{group_size}": quantize_model(shared_copy(fp32), "int4", group_size),
-                # the same weights in a bf16 model: activations, norms, attention and KV cache in bf16 too
-                "int8, bf16 model": quantize_model(shared_copy(bf16), "int8"),
-                f"int4 g{group_size}, bf16 model": quantize_model(shared_copy(bf16), "int4", group_size)}
+    variants = {"fp32": fp32, "bf16": bf16}
+    variants["int8"] = quantize_model(shared_copy(fp32), "int8")
+    release_memory()
+    variants["int8 (dequantize on the fly)"] = variants["int8"]  # the same model, run with kernels_off
+    modes = {"int8 (dequantize on the fly)": kernels_off}
+    variants[f"int4 g{group_size}"] = quantize_model(shared_copy(fp32), "int4", group_size)
+    release_memory()
+    # int8 weights in a bf16 model: activations, norms, attention and KV cache in bf16 too
+    variants["int8, bf16 model"] = quantize_model(shared_copy(bf16), "int8")
+    release_memory()
     ao, why_not = torchao_variants(bf16, group_size)  # torchao's docs quantize a bf16 model
-    variants.update(ao)
+    release_memory()
+    order = ["fp32", "bf16", "int8 (dequantize on the fly)", "int8", f"int4 g{group_size}", "int8, bf16 model"]
+    variants = {**{name: variants[name] for name in order}, **ao}
     ids = torch.randint(cfg.vocab_size, (1, kl_tokens), generator=torch.Generator().manual_seed(seed))  # (1, T)
     rows = {}
     with torch.no_grad():
         ref = fp32(ids)  # (1, T, V)
         for name, m in variants.items():
-            kl = 0.0 if m is fp32 else logits_kl(ref, m(ids))
-            paths = kernel_report(m) if isinstance(m.lm_head, QuantLinear) else None
+            with modes.get(name, nullcontext)(m):
+                kl = 0.0 if m is fp32 else logits_kl(ref, m(ids))
+                paths = kernel_report(m) if isinstance(m.lm_head, QuantLinear) else None
             rows[name] = {"variant": name, "bytes": stored_bytes(m), "kl_vs_fp32": kl,
                           "path": ", ".join(sorted(paths)) if paths else ("torchao" if name in ao else "F.linear")}
-    for name, s in decode_speed(variants, context, warmup, repeats).items():
+    for name, s in decode_speed(variants, context, warmup, repeats, modes).items():
         rows[name].update(s)
     base = rows["fp32"]["tok_s"]
     for r in rows.values():
