@@ -21,7 +21,7 @@ from torch import nn
 
 from qwen3_scratch.config import Qwen3Config
 from qwen3_scratch.model import Qwen3Model
-from qwen3_scratch.utils import default_device
+from qwen3_scratch.utils import default_device, parse_dtype
 from qwen3_scratch.weights import CheckpointError, _config_json, checkpoint_name, read_safetensors_header
 
 SCHEMES = ("int8", "int4")
@@ -473,7 +473,7 @@ def load_quantized(directory, device=None, dtype=None, kernels: bool = True, sch
         raise CheckpointError(f"{path} does not match its quantization_config ({info.get('scheme')}): "
                               + "; ".join(problems[:8]) + (f"; ... ({len(problems) - 8} more)" if len(problems) > 8 else ""))
     device = torch.device(device) if device is not None else default_device()
-    dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32  # None or "auto": float32
+    dtype = torch.float32 if dtype in (None, "auto") else parse_dtype(dtype)
     state = {}
     with safetensors.safe_open(str(path), framework="pt", device=str(device)) as f:
         for name in header:
