@@ -16,6 +16,7 @@ COMMANDS = {
               "train a tokenizer and a tiny Qwen3 on your text (chapter 12; under torchrun: chapter 16)"),
     "serve": ("qwen3_scratch.server", True, "an OpenAI-compatible HTTP server with continuous batching (chapter 17)"),
     "serve-bench": ("qwen3_scratch.server", True, "chapter 17's throughput benchmark: sequential vs concurrent"),
+    "quant": ("qwen3_scratch.quant", False, "the chapter 14 quantization benchmark: results/quant_cpu.json, figures"),
 }
 
 

@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda if available, else cpu)")
     common.add_argument("--dtype", choices=DTYPE_CHOICES,
                         help="weights dtype (default: the checkpoint's on a GPU, float32 on the CPU)")
+    common.add_argument("--quantize", choices=["int8", "int4"],
+                        help="weight-only quantization while loading (chapter 14; int4 in groups of 64)")
     common.add_argument("--max-new-tokens", type=int, help="most tokens per reply (chat: 1024, generate: 128)")
     common.add_argument("--temperature", type=float, help="0 = greedy (default: greedy for plain generate, "
                         "else the model card's 0.6 thinking / 0.7 not thinking)")
@@ -84,13 +86,13 @@ def _text(value, where) -> str:
     return value
 
 
-def load_model_and_tokenizer(name, device=None, dtype=None, source="auto"):
+def load_model_and_tokenizer(name, device=None, dtype=None, source="auto", quantize=None):
     """(Qwen3Model, Qwen3Tokenizer) for a checkpoint folder, repo id or preset (chapter 8): the tokenizer from
     the folder when it has a tokenizer.json, else the copy bundled with this package."""
     if device is not None:
         device = _check_device(device)
     directory = resolve_checkpoint(name, source=source)
-    model = load_pretrained(directory, dtype=dtype, device=device)
+    model = load_pretrained(directory, dtype=dtype, device=device, quantize=quantize)
     has_own = (Path(directory) / "tokenizer.json").is_file()
     return model, Qwen3Tokenizer.from_dir(directory) if has_own else Qwen3Tokenizer()
 
@@ -123,7 +125,7 @@ def run_generate(args, stdin, out, shard=None) -> int:
     else:
         prompt = _text(args.prompt, "--prompt")
     system = _text(args.system, "--system") if args.system else None
-    model, tok = load_model_and_tokenizer(args.model, args.device, args.dtype, args.source)
+    model, tok = load_model_and_tokenizer(args.model, args.device, args.dtype, args.source, args.quantize)
     if shard is not None:
         model = shard(model)
     think = not args.no_think
@@ -166,7 +168,7 @@ def _read_line(stdin, interactive):
 
 def run_chat(args, stdin, out) -> int:
     system = _text(args.system, "--system") if args.system else None
-    model, tok = load_model_and_tokenizer(args.model, args.device, args.dtype, args.source)
+    model, tok = load_model_and_tokenizer(args.model, args.device, args.dtype, args.source, args.quantize)
     session = ChatSession(model, tok, system=system, enable_thinking=not args.no_think,
                           max_new_tokens=args.max_new_tokens or 1024, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p, generator=_generator(model, args.seed),
