@@ -12,6 +12,8 @@ COMMANDS = {
     "chat": ("qwen3_scratch.cli", True, "interactive chat with a checkpoint (chapter 9)"),
     "generate": ("qwen3_scratch.cli", True, "continue one prompt and print the new text (chapter 9)"),
     "bench": ("qwen3_scratch.bench", False, "the chapter 11 benchmarks: results/*.json|csv and figures"),
+    "train": ("qwen3_scratch.data_parallel", False,  # chapter 12's command; under torchrun DDP/FSDP (chapter 16)
+              "train a tokenizer and a tiny Qwen3 on your text (chapter 12; under torchrun: chapter 16)"),
 }
 
 

@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", parents=[common], help="continue one prompt and print the new text")
     gen.add_argument("--prompt", required=True, help="the prompt text ('-' reads it from stdin)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user turn")
+    gen.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: under `torchrun --nproc_per_node "
+                     "TP`, each process holds 1/TP of the model (chapter 16)")
     return parser
 
 
@@ -108,7 +110,11 @@ def _generator(model, seed):
     return torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
 
 
-def run_generate(args, stdin, out) -> int:
+def run_generate(args, stdin, out, shard=None) -> int:
+    if args.tp != 1 and shard is None:  # chapter 16: this process holds 1/tp of the model
+        from qwen3_scratch.tensor_parallel import tensor_parallel_cli
+        with tensor_parallel_cli(args, out) as (shard, out):
+            return run_generate(args, stdin, out, shard)
     if args.prompt == "-":
         try:
             prompt = _text(stdin.read(), "stdin")
@@ -118,6 +124,8 @@ def run_generate(args, stdin, out) -> int:
         prompt = _text(args.prompt, "--prompt")
     system = _text(args.system, "--system") if args.system else None
     model, tok = load_model_and_tokenizer(args.model, args.device, args.dtype, args.source)
+    if shard is not None:
+        model = shard(model)
     think = not args.no_think
     if args.chat:  # the prompt is a user's message: special-token text in it stays plain text
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
@@ -212,6 +220,8 @@ def main(argv=None, stdin=None, stdout=None, stderr=None) -> int:
         stderr.write(f"error: --max-new-tokens must be >= 1, got {args.max_new_tokens}\n")
         return 2
     try:
+        from qwen3_scratch.utils import default_threads  # the notebooks' default too (chapter 0 says why)
+        torch.set_num_threads(default_threads())
         return (run_chat if args.command == "chat" else run_generate)(args, stdin, stdout)
     except KeyboardInterrupt:
         stderr.write("\ninterrupted\n")
