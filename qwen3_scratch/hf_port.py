@@ -76,7 +76,7 @@ def to_transformers(model: Qwen3Model, attn_implementation: str = "sdpa"):
     from transformers import Qwen3Config as HFQwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
     cfg, p = model.config, next(model.parameters())
     moe = cfg.num_experts > 0
-    fields = {**cfg.to_hf(), "bos_token_id": None, "eos_token_id": None}  # chapter 07's config.json spelling
+    fields = {**cfg.to_hf(), "bos_token_id": None, "eos_token_id": None}  # chapter 00's config.json spelling
     hf_cfg = (Qwen3MoeConfig if moe else HFQwen3Config)(**fields, attn_implementation=attn_implementation)
     with torch.device(p.device):
         hf = (Qwen3MoeForCausalLM if moe else Qwen3ForCausalLM)(hf_cfg)

@@ -23,7 +23,7 @@ SOURCES = ("auto", "local", "hf", "modelscope")
 
 
 def preset_repo_id(name: str) -> str | None:
-    """'0.6B' -> 'Qwen/Qwen3-0.6B' (the official repository of a preset, from chapter 07's HF_REPOS), else None."""
+    """'0.6B' -> 'Qwen/Qwen3-0.6B' (the official repository of a preset, from chapter 00's HF_REPOS), else None."""
     return HF_REPOS.get(name)
 
 

@@ -444,7 +444,7 @@ def _parse_size(size) -> int:
 
 
 def _config_json(config: Qwen3Config, dtype: torch.dtype) -> dict:
-    """config.json as the releases spell it (chapter 07's to_hf), with the dtype the tensors are stored in."""
+    """config.json as the releases spell it (chapter 00's to_hf), with the dtype the tensors are stored in."""
     return dict(config.to_hf(), torch_dtype=str(dtype).removeprefix("torch."))
 
 

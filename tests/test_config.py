@@ -1,11 +1,10 @@
-"""Tests for qwen3_scratch.config: presets, reading config.json in both spellings, refusals, counts on meta."""
+"""Tests for qwen3_scratch.config (chapter 00): presets, reading config.json in both spellings, refusals.
+The parameter counts of every preset need the model: they are in test_model.py (chapter 07)."""
 import json
 
 import pytest
-import torch
 
 from qwen3_scratch.config import HF_REPOS, PRESETS, Qwen3Config, preset_name
-from qwen3_scratch.model import Qwen3Model, config_param_counts
 
 # Qwen/Qwen3-30B-A3B-Thinking-2507/config.json as released (transformers 4.51 spelling)
 RELEASED_30B_2507 = {
@@ -64,70 +63,6 @@ def test_preset_lookup_accepts_hub_ids_and_overrides():
     assert PRESETS["0.6B"]["num_hidden_layers"] == 28, "overrides must not change the preset table"
     with pytest.raises(ValueError, match="unknown preset '7B'.*0.6B"):
         Qwen3Config.from_preset("7B")
-
-
-def test_every_preset_builds_on_meta():
-    for name in PRESETS:
-        cfg = Qwen3Config.from_preset(name, num_hidden_layers=1)  # full width, one layer: fast
-        with torch.device("meta"):
-            model = Qwen3Model(cfg)
-        attn = model.layers[0].self_attn
-        assert attn.q_proj.weight.shape == (cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size), name
-        assert attn.k_proj.weight.shape == (cfg.num_key_value_heads * cfg.head_dim, cfg.hidden_size), name
-        assert model.embed_tokens.weight.is_meta
-        assert (model.lm_head.weight is model.embed_tokens.weight) == cfg.tie_word_embeddings, name
-        if cfg.num_experts:
-            assert len(model.layers[0].mlp.experts) == cfg.num_experts, name
-
-
-def full_counts(name):
-    """config_param_counts of a preset. The two largest MoE models take several seconds to build in full, so here
-    they are extrapolated from 1- and 2-layer builds (every layer has the same shape); the notebook builds
-    them whole. Exact either way: total(L) = total(1) + (L - 1) * (total(2) - total(1))."""
-    cfg = Qwen3Config.from_preset(name)
-    if cfg.num_hidden_layers * cfg.num_experts < 8_000:  # all but 235B-A22B and Coder-480B-A35B
-        return config_param_counts(cfg)
-    one, two = (config_param_counts(Qwen3Config.from_preset(name, num_hidden_layers=n)) for n in (1, 2))
-    return {k: one[k] + (cfg.num_hidden_layers - 1) * (two[k] - one[k]) for k in one}
-
-
-def test_counts_of_every_preset():
-    counts = {name: full_counts(name) for name in PRESETS}
-    assert counts["0.6B"]["total"] == 596_049_920
-    assert counts["0.6B"]["embedding"] == 151_936 * 1024 and counts["0.6B"]["lm_head"] == 0
-    assert counts["30B-A3B"]["total"] == 30_532_122_624
-    # model cards, in billions (total, non-embedding), rounded as the cards round them
-    cards = {"0.6B": ("0.6", "0.44"), "1.7B": ("1.7", "1.4"), "4B": ("4.0", "3.6"), "8B": ("8.2", "6.95"),
-             "14B": ("14.8", "13.2"), "32B": ("32.8", "31.2"), "30B-A3B": ("30.5", "29.9"), "235B-A22B": ("235", "234")}
-    for name, card in cards.items():
-        ours = tuple(f"{counts[name][k] / 1e9:.{len(s.partition('.')[2])}f}" for k, s in zip(("total", "non_embedding"), card))
-        assert ours == card, (name, ours, card)
-    for name, active in (("30B-A3B", 3.35), ("235B-A22B", 22.2), ("Coder-480B-A35B-Instruct", 35.5)):
-        assert round(counts[name]["active"] / 1e9, 2 if active < 10 else 1) == active, (name, counts[name])
-    assert round(counts["Coder-480B-A35B-Instruct"]["total"] / 1e9) == 480
-    for name, c in counts.items():
-        dense = PRESETS[name]["model_type"] == "qwen3"
-        assert (c["active"] == c["total"]) == dense, name
-        assert c["total"] == c["embedding"] + c["lm_head"] + c["non_embedding"]
-    for sibling in ("4B-Instruct-2507", "4B-Thinking-2507"):
-        assert counts[sibling] == counts["4B"], "2507 changed context and RoPE base, not the shapes"
-    assert counts["30B-A3B-Thinking-2507"] == counts["Coder-30B-A3B-Instruct"] == counts["30B-A3B"]
-
-
-@pytest.mark.parametrize("name", ["0.6B", "30B-A3B"])
-def test_counts_equal_transformers_on_meta(name):
-    from transformers import Qwen3Config as HFConfig, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
-    cfg = Qwen3Config.from_preset(name)
-    moe = cfg.model_type == "qwen3_moe"
-    with torch.device("meta"):
-        hf = (Qwen3MoeForCausalLM if moe else Qwen3ForCausalLM)((Qwen3MoeConfig if moe else HFConfig)(**cfg.to_hf()))
-    assert config_param_counts(cfg)["total"] == sum(p.numel() for p in hf.parameters())
-
-
-def test_untying_adds_exactly_the_lm_head():
-    tied = config_param_counts(Qwen3Config.from_preset("0.6B"))
-    untied = config_param_counts(Qwen3Config.from_preset("0.6B", tie_word_embeddings=False))
-    assert untied["total"] - tied["total"] == 151_936 * 1024 == untied["lm_head"]
 
 
 def test_from_hf_reads_both_spellings(tmp_path):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hf_ref import tiny_hf_model, tiny_kwargs
-from qwen3_scratch.config import Qwen3Config
+from qwen3_scratch.config import PRESETS, Qwen3Config
 from qwen3_scratch.hf_port import from_transformers, state_dict_from_hf
 from qwen3_scratch.kv_cache import KVCache
 from qwen3_scratch.model import Qwen3Block, Qwen3Model, build_mask, config_param_counts
@@ -194,3 +194,68 @@ def test_config_param_counts_active_by_hand():
     assert c["total"] - c["active"] == 2 * (8 - 2) * per_expert, "two MoE layers, six idle experts each"
     assert c["embedding"] == c["lm_head"] == 256 * 64
     assert config_param_counts(dataclasses.replace(cfg, rope_theta=5e6)) == c, "RoPE base changes no shape"
+
+
+# every preset on the meta device: shapes and parameter counts (config from chapter 00, model from chapter 07)
+def test_every_preset_builds_on_meta():
+    for name in PRESETS:
+        cfg = Qwen3Config.from_preset(name, num_hidden_layers=1)  # full width, one layer: fast
+        with torch.device("meta"):
+            model = Qwen3Model(cfg)
+        attn = model.layers[0].self_attn
+        assert attn.q_proj.weight.shape == (cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size), name
+        assert attn.k_proj.weight.shape == (cfg.num_key_value_heads * cfg.head_dim, cfg.hidden_size), name
+        assert model.embed_tokens.weight.is_meta
+        assert (model.lm_head.weight is model.embed_tokens.weight) == cfg.tie_word_embeddings, name
+        if cfg.num_experts:
+            assert len(model.layers[0].mlp.experts) == cfg.num_experts, name
+
+
+def full_counts(name):
+    """config_param_counts of a preset. The two largest MoE models take several seconds to build in full, so here
+    they are extrapolated from 1- and 2-layer builds (every layer has the same shape); the notebook builds
+    them whole. Exact either way: total(L) = total(1) + (L - 1) * (total(2) - total(1))."""
+    cfg = Qwen3Config.from_preset(name)
+    if cfg.num_hidden_layers * cfg.num_experts < 8_000:  # all but 235B-A22B and Coder-480B-A35B
+        return config_param_counts(cfg)
+    one, two = (config_param_counts(Qwen3Config.from_preset(name, num_hidden_layers=n)) for n in (1, 2))
+    return {k: one[k] + (cfg.num_hidden_layers - 1) * (two[k] - one[k]) for k in one}
+
+
+def test_counts_of_every_preset():
+    counts = {name: full_counts(name) for name in PRESETS}
+    assert counts["0.6B"]["total"] == 596_049_920
+    assert counts["0.6B"]["embedding"] == 151_936 * 1024 and counts["0.6B"]["lm_head"] == 0
+    assert counts["30B-A3B"]["total"] == 30_532_122_624
+    # model cards, in billions (total, non-embedding), rounded as the cards round them
+    cards = {"0.6B": ("0.6", "0.44"), "1.7B": ("1.7", "1.4"), "4B": ("4.0", "3.6"), "8B": ("8.2", "6.95"),
+             "14B": ("14.8", "13.2"), "32B": ("32.8", "31.2"), "30B-A3B": ("30.5", "29.9"), "235B-A22B": ("235", "234")}
+    for name, card in cards.items():
+        ours = tuple(f"{counts[name][k] / 1e9:.{len(s.partition('.')[2])}f}" for k, s in zip(("total", "non_embedding"), card))
+        assert ours == card, (name, ours, card)
+    for name, active in (("30B-A3B", 3.35), ("235B-A22B", 22.2), ("Coder-480B-A35B-Instruct", 35.5)):
+        assert round(counts[name]["active"] / 1e9, 2 if active < 10 else 1) == active, (name, counts[name])
+    assert round(counts["Coder-480B-A35B-Instruct"]["total"] / 1e9) == 480
+    for name, c in counts.items():
+        dense = PRESETS[name]["model_type"] == "qwen3"
+        assert (c["active"] == c["total"]) == dense, name
+        assert c["total"] == c["embedding"] + c["lm_head"] + c["non_embedding"]
+    for sibling in ("4B-Instruct-2507", "4B-Thinking-2507"):
+        assert counts[sibling] == counts["4B"], "2507 changed context and RoPE base, not the shapes"
+    assert counts["30B-A3B-Thinking-2507"] == counts["Coder-30B-A3B-Instruct"] == counts["30B-A3B"]
+
+
+@pytest.mark.parametrize("name", ["0.6B", "30B-A3B"])
+def test_counts_equal_transformers_on_meta(name):
+    from transformers import Qwen3Config as HFConfig, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+    cfg = Qwen3Config.from_preset(name)
+    moe = cfg.model_type == "qwen3_moe"
+    with torch.device("meta"):
+        hf = (Qwen3MoeForCausalLM if moe else Qwen3ForCausalLM)((Qwen3MoeConfig if moe else HFConfig)(**cfg.to_hf()))
+    assert config_param_counts(cfg)["total"] == sum(p.numel() for p in hf.parameters())
+
+
+def test_untying_adds_exactly_the_lm_head():
+    tied = config_param_counts(Qwen3Config.from_preset("0.6B"))
+    untied = config_param_counts(Qwen3Config.from_preset("0.6B", tie_word_embeddings=False))
+    assert untied["total"] - tied["total"] == 151_936 * 1024 == untied["lm_head"]

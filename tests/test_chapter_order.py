@@ -1,0 +1,70 @@
+"""Chapters build in order: a notebook imports only from modules exported by earlier chapters or by itself, so
+a learner can do them one after another (and the student edition's package fills up in that order)."""
+import ast
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPORT = re.compile(r"^#\|\s*(default_exp|export|exporti)\s*(\w*)", re.M)
+
+
+def _code(path):
+    return [("".join(c["source"])) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+
+
+def owners() -> dict[str, int]:
+    """{module: the chapter that exports it}."""
+    found = {}
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        default = None
+        for src in _code(path):
+            for kind, mod in EXPORT.findall(src):
+                if kind == "default_exp":
+                    default = mod
+                found.setdefault(mod or default, int(path.name[:2]))
+    found.pop(None, None)
+    return found
+
+
+def imported_modules(src: str) -> set[str]:
+    """qwen3_scratch modules a cell imports (IPython magics and shell lines are skipped)."""
+    code = "\n".join(line for line in src.splitlines() if not line.lstrip().startswith(("!", "%")))
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return set()
+    mods = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("qwen3_scratch"):
+            parts = node.module.split(".")
+            if len(parts) > 1:
+                mods.add(parts[1])
+            else:  # from qwen3_scratch import X: X is a module or a public name of __init__
+                mods.update(a.name for a in node.names)
+        elif isinstance(node, ast.Import):
+            mods.update(a.name.split(".")[1] for a in node.names if a.name.startswith("qwen3_scratch."))
+    return mods
+
+
+def test_every_chapter_imports_only_earlier_chapters():
+    own = owners()
+    public = {}  # names re-exported by __init__ -> their module
+    init = (ROOT / "qwen3_scratch" / "__init__.py").read_text()
+    for mod, names in re.findall(r"^from \.(\w+) import (.+)$", init, re.M):
+        for name in names.split(","):
+            public[name.strip()] = mod
+    problems = []
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        chapter = int(path.name[:2])
+        for src in _code(path):
+            for mod in imported_modules(src):
+                mod = public.get(mod, mod)
+                if mod in own and own[mod] > chapter:
+                    problems.append(f"{path.name} imports qwen3_scratch.{mod}, which chapter {own[mod]:02d} builds")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_import_reader_sees_every_form():
+    src = "from qwen3_scratch.config import Qwen3Config\nimport qwen3_scratch.model as m\nfrom qwen3_scratch import generate\n!ls"
+    assert imported_modules(src) == {"config", "model", "generate"}
