@@ -12,6 +12,7 @@ COMMANDS = {
     "chat": ("qwen3_scratch.cli", True, "interactive chat with a checkpoint (chapter 9)"),
     "generate": ("qwen3_scratch.cli", True, "continue one prompt and print the new text (chapter 9)"),
     "bench": ("qwen3_scratch.bench", False, "the chapter 11 benchmarks: results/*.json|csv and figures"),
+    "train": ("qwen3_scratch.pretrain", False, "train a tokenizer and a tiny Qwen3 on your text (chapter 12)"),
 }
 
 
