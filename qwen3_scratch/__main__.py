@@ -13,6 +13,7 @@ COMMANDS = {
     "generate": ("qwen3_scratch.cli", True, "continue one prompt and print the new text (chapter 9)"),
     "bench": ("qwen3_scratch.bench", False, "the chapter 11 benchmarks: results/*.json|csv and figures"),
     "train": ("qwen3_scratch.pretrain", False, "train a tokenizer and a tiny Qwen3 on your text (chapter 12)"),
+    "finetune": ("qwen3_scratch.finetune", False, "fine-tune on chat data, LoRA or full (chapter 13)"),
 }
 
 
