@@ -131,19 +131,19 @@ def next_token_loss(logits, targets, ignore_index: int = IGNORE_INDEX) -> torch.
 @dataclass
 class TrainConfig:
     """Everything about a training run except the model's shape. The defaults made the shipped checkpoint."""
-    steps: int = 600  # optimizer steps
+    steps: int = 400  # optimizer steps
     batch_size: int = 8  # sequences per micro-batch, B
     seq_len: int = 256  # tokens per sequence, T
     grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 2e-3  # peak learning rate, after warmup
-    min_lr: float = 2e-4  # where the cosine ends
-    warmup_steps: int = 30
+    lr: float = 6e-3  # peak learning rate, after warmup (tiny models take large ones)
+    min_lr: float = 6e-4  # where the cosine ends
+    warmup_steps: int = 20
     weight_decay: float = 0.1  # matrices only; norms and embeddings get none
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
     eval_every: int = 100  # steps between validations (and checkpoints in the CLI)
-    eval_tokens: int = 16_384  # validation tokens per periodic evaluation; the final one uses them all
+    eval_tokens: int = 8_192  # validation tokens per periodic evaluation; the final one uses them all
     seed: int = 0
     autocast: str = "auto"  # "auto": bf16 on a GPU that supports it, fp32 elsewhere; "bf16"; "none"
     activation_checkpointing: bool = False  # recompute each block's activations in backward
