@@ -5,7 +5,7 @@ on the assistant's tokens only, batches for chapter 12's training loop, full or 
 `python -m qwen3_scratch finetune`. References: Ouyang et al. 2022 (InstructGPT's SFT stage); TRL's SFTTrainer
 (assistant-only loss). Legend: B batch, T tokens, V vocab, L layers, D hidden."""
 
-__all__ = ['CONTROL_TEXT', 'ChatDataError', 'check_conversation', 'read_chat_jsonl', 'encode_chat', 'encode_conversations', 'ChatBatches', 'sft_config', 'finetune', 'generate_replies', 'build_parser', 'main']
+__all__ = ['CONTROL_TEXT', 'ChatDataError', 'check_conversation', 'read_chat_jsonl', 'encode_chat', 'encode_conversations', 'ChatBatches', 'sft_config', 'finetune', 'generate_replies', 'build_parser', 'main', 'finetune_memory']
 
 
 # %% notebooks/13_finetuning.ipynb
@@ -299,6 +299,7 @@ def main(argv=None) -> int:
                        val_loss=(result["history"]["val"] or [{}])[-1].get("loss"),
                        trainable=result["trainable"], total=result["total"],
                        optimizer_bytes=result["optimizer_bytes"], seconds=round(result["seconds"], 1),
+                       peak_gpu_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
                        device=device_name(device), lora=dataclasses.asdict(lora) if lora else None)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
         if out.exists():
@@ -312,3 +313,30 @@ def main(argv=None) -> int:
           f"{train_losses[0]:.3f} -> {train_losses[-1]:.3f}, {result['trainable']:,} trainable parameters, "
           f"{result['seconds']:.0f} s on {device_name(device)}")
     return 0
+
+
+# %% notebooks/13_finetuning.ipynb
+def finetune_memory(cfg, lora: LoRAConfig | None = None, batch_size: int = 1, seq_len: int = 1024,
+                    base_bytes: int = 2) -> dict:
+    """Estimated bytes to fine-tune the (dense) model `cfg` describes with AdamW and bf16 autocast: weights,
+    gradients, optimizer moments, activations kept for backward (SDPA, no checkpointing) and logits.
+    Full: fp32 weights, gradients and moments (16 bytes/parameter). LoRA: a frozen base of base_bytes/parameter,
+    16 bytes per adapter parameter. A lower bound: allocator slack and the CUDA context come on top."""
+    from qwen3_scratch.model import count_params
+    D, I, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    params = count_params(cfg)["total"]
+    shapes = {"q_proj": (D, q), "k_proj": (D, kv), "v_proj": (D, kv), "o_proj": (q, D), "gate_proj": (D, I),
+              "up_proj": (D, I), "down_proj": (I, D)}  # (in, out) of each linear layer of a block
+    if lora is None:
+        trainable, weights = params, 4 * params
+    else:
+        block = {n: "self_attn" if n in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp" for n in shapes}
+        chosen = [n for n in shapes if lora.matches(f"model.layers.0.{block[n]}.{n}")]  # the same in every layer
+        trainable = L * sum(lora.r * sum(shapes[n]) for n in chosen)
+        weights = base_bytes * params + 4 * trainable
+    tokens = batch_size * seq_len
+    saved = 6 * D + 5 * q + 6 * kv + 5 * I  # bf16 elements one block keeps per token (inputs, q/k/v, SwiGLU parts)
+    mem = dict(weights=weights, gradients=4 * trainable, optimizer=8 * trainable,
+               activations=2 * saved * L * tokens, logits=(2 + 4 + 4) * V * tokens)
+    return dict(mem, total=sum(mem.values()), trainable=trainable, parameters=params)
