@@ -3,7 +3,7 @@
 """Grouped-query attention as in Qwen3: H query heads share K key/value heads (MHA when K = H, MQA when K = 1),
 with an RMSNorm over head_dim on every query and key head, applied before RoPE (QK-norm).
 References: transformers' modeling_qwen3.py; GQA: Ainslie et al., 2023. Shapes: B batch, T queries,
-S keys (cached + new), D hidden, H query heads, K kv heads, G = H / K, Dh head_dim."""
+S keys (cached + new), D hidden, H query heads, K kv heads, G = H / K, Dh head_dim. Chapter 04 owns it."""
 
 __all__ = ['causal_mask', 'attention_eager', 'Qwen3Attention']
 
@@ -74,8 +74,8 @@ class Qwen3Attention(nn.Module):
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
         self.q_norm = RMSNorm(head_dim, rms_norm_eps)  # over Dh of each head, one gain shared by all heads
         self.k_norm = RMSNorm(head_dim, rms_norm_eps)
-        self.record_weights = False  # True: run attention_eager and keep the probabilities (chapter 10)
-        self.last_weights = None  # (B, H, T, S) from the last forward with record_weights
+        self.record_probs = False  # True: run attention_eager and keep the probabilities (chapter 10)
+        self.last_probs = None  # (B, H, T, S) from the last forward with record_probs
 
     def forward(self, x, cos, sin, mask=None, kv_cache=None):
         """x (B, T, D); cos, sin (B, T, Dh); mask bool (B|1, 1, T, S), True = may attend, or None (causal);
@@ -92,9 +92,9 @@ class Qwen3Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, K, S, Dh): every key and value so far
         S = k.shape[2]
-        if self.record_weights:
+        if self.record_probs:
             out, probs = attention_eager(q, k, v, mask)  # (B, H, T, Dh), (B, H, T, S)
-            self.last_weights = probs.detach()
+            self.last_probs = probs.detach()
         else:
             if mask is None and 1 < T < S:  # SDPA's is_causal aligns the triangle top-left: give it ours
                 mask = causal_mask(T, S, x.device)

@@ -2,9 +2,9 @@
 # Edit the notebook, then run `python tools/nb.py export`.
 """The command line: `python -m qwen3_scratch chat --model Qwen/Qwen3-0.6B` (an interactive chat that reads
 stdin line by line, so it can be piped) and `python -m qwen3_scratch generate --model DIR --prompt "..."`.
-Errors print one line to stderr and exit with status 1; usage errors exit with 2."""
+Errors print one line to stderr and exit with status 1; usage errors exit with 2. Chapter 09 owns it."""
 
-__all__ = ['DTYPES', 'CHAT_HELP', 'build_parser', 'load_model_and_tokenizer', 'sampling_options', 'run_generate', 'run_chat', 'main']
+__all__ = ['CHAT_HELP', 'build_parser', 'load_model_and_tokenizer', 'sampling_options', 'run_generate', 'run_chat', 'main']
 
 
 # %% notebooks/09_generation.ipynb
@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 
 from qwen3_scratch.generate import RECOMMENDED_SAMPLING, ChatSession, print_stream, stream_generate
+from qwen3_scratch.hub import SOURCES, resolve_checkpoint
 from qwen3_scratch.tokenizer import Qwen3Tokenizer, StreamDecoder
-from qwen3_scratch.weights import SOURCES, load_pretrained, resolve_checkpoint
+from qwen3_scratch.utils import DTYPE_CHOICES
+from qwen3_scratch.weights import load_pretrained
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 CHAT_HELP = "commands: /think (thinking on/off), /reset (forget the conversation), /exit (or Ctrl-D)"
 
 
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--source", choices=SOURCES, default="auto",
                         help="where a repo id is fetched from: auto (local folder, else the Hub), hf, modelscope")
     common.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda if available, else cpu)")
-    common.add_argument("--dtype", choices=list(DTYPES),
+    common.add_argument("--dtype", choices=DTYPE_CHOICES,
                         help="weights dtype (default: the checkpoint's on a GPU, float32 on the CPU)")
     common.add_argument("--max-new-tokens", type=int, help="most tokens per reply (chat: 1024, generate: 128)")
     common.add_argument("--temperature", type=float, help="0 = greedy (default: greedy for plain generate, "
@@ -52,15 +53,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # %% notebooks/09_generation.ipynb
+def _check_device(name) -> torch.device:
+    """--device as a torch.device that can hold tensors here, else one line saying why (before any loading)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device: use cpu, cuda, cuda:1, mps ...") from None
+    if device.type == "meta":
+        raise ValueError("--device meta: the meta device holds shapes but no numbers, so nothing can run on it; "
+                         "use cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device}: this PyTorch sees no CUDA GPU")
+    if device.type == "cpu" and device.index not in (None, 0):
+        raise ValueError(f"--device {device}: not usable (there is one CPU device: use cpu)")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise RuntimeError(f"--device {device}: not usable here ({str(e).splitlines()[0] if str(e) else e!r})") from None
+    return device
+
+
+def _text(value, where) -> str:
+    """A str that is valid UTF-8 (Python turns undecodable bytes of argv or stdin into lone surrogates)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{where} is not valid UTF-8 text (an undecodable byte at character {e.start})") from None
+    return value
+
+
 def load_model_and_tokenizer(name, device=None, dtype=None, source="auto"):
     """(Qwen3Model, Qwen3Tokenizer) for a checkpoint folder, repo id or preset (chapter 8): the tokenizer from
     the folder when it has a tokenizer.json, else the copy bundled with this package."""
     if device is not None:
-        device = torch.device(device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"--device {device}: this PyTorch sees no CUDA GPU")
+        device = _check_device(device)
     directory = resolve_checkpoint(name, source=source)
-    model = load_pretrained(directory, dtype=DTYPES.get(dtype, dtype), device=device)
+    model = load_pretrained(directory, dtype=dtype, device=device)
     has_own = (Path(directory) / "tokenizer.json").is_file()
     return model, Qwen3Tokenizer.from_dir(directory) if has_own else Qwen3Tokenizer()
 
@@ -81,14 +109,22 @@ def _generator(model, seed):
 
 
 def run_generate(args, stdin, out) -> int:
+    if args.prompt == "-":
+        try:
+            prompt = _text(stdin.read(), "stdin")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"stdin is not valid UTF-8 text ({e.reason} at byte {e.start})") from None
+    else:
+        prompt = _text(args.prompt, "--prompt")
+    system = _text(args.system, "--system") if args.system else None
     model, tok = load_model_and_tokenizer(args.model, args.device, args.dtype, args.source)
-    prompt = stdin.read() if args.prompt == "-" else args.prompt
     think = not args.no_think
-    if args.chat:
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-            {"role": "user", "content": prompt}]
-        prompt = tok.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=think)
-    ids = tok.encode(prompt)
+    if args.chat:  # the prompt is a user's message: special-token text in it stays plain text
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=think, tokenize=True,
+                                      split_special_tokens=True)
+    else:  # raw text to continue: written special tokens are meant
+        ids = tok.encode(prompt)
     if not ids:
         raise ValueError("empty prompt: --prompt has no text to continue")
     device = next(model.parameters()).device
@@ -116,13 +152,17 @@ def _read_line(stdin, interactive):
         return line.rstrip("\n") if line else None
     except EOFError:
         return None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"stdin is not valid UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def run_chat(args, stdin, out) -> int:
+    system = _text(args.system, "--system") if args.system else None
     model, tok = load_model_and_tokenizer(args.model, args.device, args.dtype, args.source)
-    session = ChatSession(model, tok, system=args.system, enable_thinking=not args.no_think,
+    session = ChatSession(model, tok, system=system, enable_thinking=not args.no_think,
                           max_new_tokens=args.max_new_tokens or 1024, temperature=args.temperature,
-                          top_k=args.top_k, top_p=args.top_p, generator=_generator(model, args.seed))
+                          top_k=args.top_k, top_p=args.top_p, generator=_generator(model, args.seed),
+                          split_special_tokens=True)  # what the user types is text, never control tokens
     interactive = stdin is sys.stdin and stdin.isatty()
     color = hasattr(out, "isatty") and out.isatty()
     out.write(f"[{args.model}: thinking {'on' if session.enable_thinking else 'off'}; {CHAT_HELP}]\n")
@@ -132,6 +172,11 @@ def run_chat(args, stdin, out) -> int:
             return 0
         text = line.strip()
         if not text:
+            continue
+        try:
+            _text(text, "that line")
+        except ValueError as e:  # undecodable bytes from a pipe: say so, keep chatting
+            out.write(f"[{e}; skipped]\n")
             continue
         if text == "/think":
             session.enable_thinking = not session.enable_thinking

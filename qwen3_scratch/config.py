@@ -2,7 +2,7 @@
 # Edit the notebook, then run `python tools/nb.py export`.
 """Qwen3 configuration: a dataclass whose fields are the keys of Hugging Face's config.json, a reader for
 config.json as released and as transformers 5 re-saves it, and presets for every released Qwen3 text model.
-Reference: the config.json files of the Qwen/Qwen3-* repositories on the Hugging Face Hub."""
+Chapter 07 owns it. Reference: the config.json files of the Qwen/Qwen3-* repositories on the Hugging Face Hub."""
 
 __all__ = ['Qwen3Config', 'PRESETS', 'HF_REPOS', 'preset_name']
 
@@ -51,6 +51,9 @@ class Qwen3Config:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        for key in ("tie_word_embeddings", "norm_topk_prob"):  # bool("false") is True: refuse strings and ints
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{key} must be true or false (a JSON boolean), got {getattr(self, key)!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                              f"num_key_value_heads ({self.num_key_value_heads})")
@@ -109,43 +112,73 @@ class Qwen3Config:
 
 
 # %% notebooks/07_model.ipynb
-def _dense(D, I, L, H, tied, **extra):
-    return {"model_type": "qwen3", "hidden_size": D, "intermediate_size": I, "num_hidden_layers": L,
-            "num_attention_heads": H, "num_key_value_heads": 8, "head_dim": 128, "tie_word_embeddings": tied,
-            "max_position_embeddings": 40_960, "rope_theta": 1_000_000.0, **extra}
-
-
-def _moe(D, I, I_moe, L, H, K, E, **extra):
-    return {"model_type": "qwen3_moe", "hidden_size": D, "intermediate_size": I, "moe_intermediate_size": I_moe,
-            "num_hidden_layers": L, "num_attention_heads": H, "num_key_value_heads": K, "head_dim": 128,
-            "num_experts": E, "num_experts_per_tok": 8, "norm_topk_prob": True, "decoder_sparse_step": 1,
-            "mlp_only_layers": [], "tie_word_embeddings": False, "max_position_embeddings": 40_960,
-            "rope_theta": 1_000_000.0, **extra}
+_DENSE = dict(  # what every dense release shares
+    model_type="qwen3",
+    num_key_value_heads=8,  # K, whatever the number of query heads
+    head_dim=128,  # Dh, chosen on its own (not hidden_size / num_attention_heads)
+    max_position_embeddings=40_960,  # the native context length
+    rope_theta=1_000_000.0,  # the RoPE base
+)
+_MOE = dict(  # what every MoE release shares
+    model_type="qwen3_moe",
+    head_dim=128,
+    num_experts_per_tok=8,  # A, the experts each token is routed to
+    norm_topk_prob=True,  # the A routing weights are renormalized to sum to 1
+    decoder_sparse_step=1,  # every layer is MoE ...
+    mlp_only_layers=[],  # ... and none is forced back to a dense SwiGLU
+    tie_word_embeddings=False,  # an LM head of its own
+    max_position_embeddings=40_960,
+    rope_theta=1_000_000.0,
+)
 
 
 def _long(theta):  # the 2507 and Coder releases: 256K native context and a larger RoPE base
-    return {"max_position_embeddings": 262_144, "rope_theta": theta}
+    return dict(max_position_embeddings=262_144, rope_theta=theta)
 
 
-PRESETS = {  # numbers from each repository's config.json; V = 151,936 and Dh = 128 everywhere
-    "0.6B": _dense(1024, 3072, 28, 16, tied=True),
-    "1.7B": _dense(2048, 6144, 28, 16, tied=True),
-    "4B": _dense(2560, 9728, 36, 32, tied=True),
-    "8B": _dense(4096, 12288, 36, 32, tied=False),
-    "14B": _dense(5120, 17408, 40, 40, tied=False),
-    "32B": _dense(5120, 25600, 64, 64, tied=False),
-    "4B-Instruct-2507": _dense(2560, 9728, 36, 32, tied=True, **_long(5_000_000.0)),
-    "4B-Thinking-2507": _dense(2560, 9728, 36, 32, tied=True, **_long(5_000_000.0)),
-    "30B-A3B": _moe(2048, 6144, 768, 48, 32, 4, 128),
-    "30B-A3B-Instruct-2507": _moe(2048, 6144, 768, 48, 32, 4, 128, **_long(10_000_000.0)),
-    "30B-A3B-Thinking-2507": _moe(2048, 6144, 768, 48, 32, 4, 128, **_long(10_000_000.0)),
-    "235B-A22B": _moe(4096, 12288, 1536, 94, 64, 4, 128),
-    "235B-A22B-Instruct-2507": _moe(4096, 12288, 1536, 94, 64, 4, 128, **_long(5_000_000.0)),
-    "235B-A22B-Thinking-2507": _moe(4096, 12288, 1536, 94, 64, 4, 128, **_long(5_000_000.0)),
-    # the Coder configs carry no bos_token_id; Coder-30B's intermediate_size is unused (every layer is MoE)
-    "Coder-30B-A3B-Instruct": _moe(2048, 5472, 768, 48, 32, 4, 128, bos_token_id=None, **_long(10_000_000.0)),
-    "Coder-480B-A35B-Instruct": _moe(6144, 8192, 2560, 62, 96, 8, 160, bos_token_id=None,
-                                     **_long(10_000_000.0)),
+_4B = dict(_DENSE, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+           tie_word_embeddings=True)
+_30B_A3B = dict(_MOE,
+                hidden_size=2048,
+                intermediate_size=6144,  # a dense layer's width: unused while every layer is MoE
+                moe_intermediate_size=768,  # one expert's SwiGLU width
+                num_hidden_layers=48,
+                num_attention_heads=32,
+                num_key_value_heads=4,  # fewer KV heads than the dense models
+                num_experts=128)  # E
+_235B_A22B = dict(_MOE, hidden_size=4096, intermediate_size=12288, moe_intermediate_size=1536,
+                  num_hidden_layers=94, num_attention_heads=64, num_key_value_heads=4, num_experts=128)
+
+PRESETS = {  # numbers from each repository's config.json; V = 151,936 everywhere
+    "0.6B": dict(_DENSE,
+                 hidden_size=1024,  # D, the width of the residual stream
+                 intermediate_size=3072,  # the SwiGLU's hidden width
+                 num_hidden_layers=28,  # L
+                 num_attention_heads=16,  # H
+                 tie_word_embeddings=True),  # the LM head reuses the embedding matrix
+    "1.7B": dict(_DENSE, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                 tie_word_embeddings=True),
+    "4B": _4B,
+    "8B": dict(_DENSE, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+               tie_word_embeddings=False),
+    "14B": dict(_DENSE, hidden_size=5120, intermediate_size=17408, num_hidden_layers=40, num_attention_heads=40,
+                tie_word_embeddings=False),
+    "32B": dict(_DENSE, hidden_size=5120, intermediate_size=25600, num_hidden_layers=64, num_attention_heads=64,
+                tie_word_embeddings=False),
+    # July 2025 ("2507"): the April shapes, split into Instruct and Thinking models, with a longer context
+    "4B-Instruct-2507": dict(_4B, **_long(5_000_000.0)),
+    "4B-Thinking-2507": dict(_4B, **_long(5_000_000.0)),
+    "30B-A3B": _30B_A3B,
+    "30B-A3B-Instruct-2507": dict(_30B_A3B, **_long(10_000_000.0)),
+    "30B-A3B-Thinking-2507": dict(_30B_A3B, **_long(10_000_000.0)),
+    "235B-A22B": _235B_A22B,
+    "235B-A22B-Instruct-2507": dict(_235B_A22B, **_long(5_000_000.0)),
+    "235B-A22B-Thinking-2507": dict(_235B_A22B, **_long(5_000_000.0)),
+    # the Coder configs carry no bos_token_id
+    "Coder-30B-A3B-Instruct": dict(_30B_A3B, intermediate_size=5472, bos_token_id=None, **_long(10_000_000.0)),
+    "Coder-480B-A35B-Instruct": dict(_MOE, hidden_size=6144, intermediate_size=8192, moe_intermediate_size=2560,
+                                     num_hidden_layers=62, num_attention_heads=96, num_key_value_heads=8,
+                                     num_experts=160, bos_token_id=None, **_long(10_000_000.0)),
 }
 HF_REPOS = {name: f"Qwen/Qwen3-{name}" for name in PRESETS}  # where chapter 8 downloads each one
 
@@ -192,7 +225,10 @@ def _fields_from_hf(d: dict) -> dict:
     d = dict(d)
     if "num_local_experts" in d:  # transformers 5's name for num_experts
         d.setdefault("num_experts", d["num_local_experts"])
-    for rope in (d.get("rope_scaling") or {}, d.get("rope_parameters") or {}):  # as released / transformers 5
+    for key in ("rope_scaling", "rope_parameters"):  # as released / transformers 5
+        if not isinstance(d.get(key) or {}, dict):
+            raise ValueError(f"{key} must be an object (or null), got {type(d[key]).__name__}: {d[key]!r}")
+    for rope in (d.get("rope_scaling") or {}, d.get("rope_parameters") or {}):
         rope_type = rope.get("rope_type", rope.get("type")) or "default"
         if rope_type != "default":
             raise ValueError(f"rope scaling {rope_type!r} is not implemented (only plain RoPE is); drop "

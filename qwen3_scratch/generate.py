@@ -3,12 +3,14 @@
 """Autoregressive decoding for Qwen3: prefill the prompt into a KV cache, then one token at a time; greedy,
 temperature, top-k and top-p sampling; stop tokens; left-padded batches; streaming; and a chat session that
 keeps the history and separates Qwen3's <think> reasoning from the answer.
-Legend: B batch, T prompt tokens, V vocab. Reference: transformers' GenerationMixin (greedy and sampling)."""
+Chapter 09 owns it. Legend: B batch, T prompt tokens, V vocab. Reference: transformers' GenerationMixin (greedy and sampling)."""
 
-__all__ = ['check_sampling_args', 'filter_top_k', 'filter_top_p', 'sample_next', 'check_generate_args', 'StopTokens', 'stream_generate', 'generate', 'RECOMMENDED_SAMPLING', 'ChatReply', 'ThinkingSplitter', 'print_stream', 'ChatSession', 'chat']
+__all__ = ['check_sampling_args', 'filter_top_k', 'filter_top_p', 'sample_next', 'check_generate_args', 'StopTokens', 'KV_BLOCK', 'stream_generate', 'generate', 'RECOMMENDED_SAMPLING', 'ChatReply', 'ThinkingSplitter', 'print_stream', 'ChatSession', 'chat']
 
 
 # %% notebooks/09_generation.ipynb
+import math
+import operator
 import sys
 from dataclasses import dataclass, field
 
@@ -21,8 +23,8 @@ from qwen3_scratch.tokenizer import Qwen3Tokenizer, StreamDecoder
 # %% notebooks/09_generation.ipynb
 def check_sampling_args(temperature=0.0, top_k=None, top_p=None):
     """Raise a ValueError naming the first sampling argument that makes no sense."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
         raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
     if top_p is not None and not 0 < top_p <= 1:
@@ -79,6 +81,12 @@ def check_generate_args(model, input_ids, max_new_tokens, attention_mask=None, t
         raise ValueError(f"empty prompt: input_ids has shape {(B, T)}; generation needs at least one token per row")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    V = model.config.vocab_size
+    outside = (input_ids < 0) | (input_ids >= V)  # the embedding would raise an IndexError naming nothing
+    if outside.any():
+        b, t = (int(i) for i in outside.nonzero()[0])
+        raise ValueError(f"input_ids[{b}, {t}] = {int(input_ids[b, t])} is not a token id of this model "
+                         f"(vocab_size={V}: ids 0..{V - 1})")
     limit = model.config.max_position_embeddings
     if T > limit:
         raise ValueError(f"the prompt ({T} tokens) is longer than the context window, "
@@ -90,22 +98,50 @@ def check_generate_args(model, input_ids, max_new_tokens, attention_mask=None, t
         if attention_mask.shape != (B, T):
             raise ValueError(f"attention_mask must have the shape of input_ids {(B, T)}, "
                              f"got {tuple(attention_mask.shape)}")
+        if ((attention_mask != 0) & (attention_mask != 1)).any():  # before .long() turns 0.5 into 0
+            odd = attention_mask[(attention_mask != 0) & (attention_mask != 1)][0].item()
+            raise ValueError(f"attention_mask must hold only 0 (padding) and 1 (tokens), got {odd!r}")
         m = attention_mask.long()
-        if ((m != 0) & (m != 1)).any() or (m[:, 1:] < m[:, :-1]).any() or (m[:, -1] == 0).any():
+        if (m[:, 1:] < m[:, :-1]).any() or (m[:, -1] == 0).any():
             raise ValueError("attention_mask must be 0 (padding) then 1 (tokens) in every row: pad on the LEFT")
     check_sampling_args(temperature, top_k, top_p)
     return B, T
 
 
 # %% notebooks/09_generation.ipynb
+def _token_id_list(ids):
+    """None, an id, a list of ids, a tensor or a numpy array/integer of them -> [int, ...]; None if it is none
+    of those (a string, a float, a negative id)."""
+    if ids is None:
+        return []
+    if hasattr(ids, "tolist") and not isinstance(ids, (list, tuple)):  # a tensor, a numpy array or integer
+        if getattr(ids, "dtype", None) is not None and (getattr(ids.dtype, "is_floating_point", False)
+                                                        or getattr(ids.dtype, "kind", "i") not in "iu"):
+            return None
+        ids = ids.tolist()
+    ids = ids if isinstance(ids, (list, tuple)) else [ids]
+    out = []
+    for i in ids:
+        if isinstance(i, bool):
+            return None
+        try:
+            i = operator.index(i)  # ints, numpy integers; refuses 1.0 and '1'
+        except TypeError:
+            return None
+        if i < 0:
+            return None
+        out.append(i)
+    return out
+
+
 class StopTokens:
     """Which rows of a batch have finished. eos_token_id: None, a token id or a list of ids. A row that emits
     one is finished and from then on repeats that token (or pad_token_id), so all rows keep the same length;
     `all_done` tells the loop to end early."""
 
     def __init__(self, eos_token_id, batch_size, device=None, pad_token_id=None):
-        ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        ids = _token_id_list(eos_token_id)
+        if ids is None:
             raise ValueError(f"eos_token_id must be None, a token id or a list of token ids, got {eos_token_id!r}")
         self.ids = torch.tensor(ids, dtype=torch.long, device=device)  # the stop tokens, possibly none
         self.done = torch.zeros(batch_size, dtype=torch.bool, device=device)  # (B,) rows that have finished
@@ -129,11 +165,15 @@ class StopTokens:
 
 
 # %% notebooks/09_generation.ipynb
+KV_BLOCK = 256  # the plain path's cache grows by whole blocks of this many slots (at least doubling each time)
+
+
 @torch.no_grad()
 def _decode(model, input_ids, max_new_tokens, temperature, top_k, top_p, stops, use_cache, attention_mask,
             generator):
     B, T = input_ids.shape
-    cache = KVCache.for_model(model, B, T + max_new_tokens) if use_cache else None
+    # grown block by block: a reply that stops early never pays for max_new_tokens slots
+    cache = KVCache.for_model(model, B, T + max_new_tokens, block_size=KV_BLOCK) if use_cache else None
     seq, mask, step_in = input_ids, attention_mask, input_ids
     for _ in range(max_new_tokens):
         logits = model(step_in if use_cache else seq, attention_mask=mask, kv_cache=cache, last_only=True)
@@ -245,14 +285,16 @@ class ChatSession:
     """A multi-turn chat with a Qwen3 model. Keeps the messages, renders them with Qwen3's chat template
     (which drops the thinking of earlier assistant turns), streams each reply and splits it into thinking
     and answer. Sampling defaults to the model card's recommendation for the current mode; set
-    temperature=0 for greedy. enable_thinking can be switched between turns."""
+    temperature=0 for greedy. enable_thinking can be switched between turns. split_special_tokens=True: text
+    like `<|im_start|>` inside a message is plain text, not a control token (chapter 1)."""
 
     def __init__(self, model, tokenizer=None, system=None, enable_thinking=True, max_new_tokens=1024,
-                 temperature=None, top_k=None, top_p=None, generator=None):
+                 temperature=None, top_k=None, top_p=None, generator=None, split_special_tokens=False):
         self.model, self.tokenizer = model, tokenizer or Qwen3Tokenizer()
         self.system, self.enable_thinking, self.max_new_tokens = system, enable_thinking, max_new_tokens
         self.overrides = dict(temperature=temperature, top_k=top_k, top_p=top_p)
         self.generator, self.last_reply = generator, None
+        self.split_special_tokens = split_special_tokens  # True: special-token text in messages stays plain text
         self.reset()
 
     def reset(self):
@@ -267,7 +309,8 @@ class ChatSession:
         """The token ids the model reads for the next reply: the history, this user turn, the assistant header."""
         messages = self.messages + [{"role": "user", "content": user_text}]
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                  enable_thinking=self.enable_thinking, tokenize=True)
+                                                  enable_thinking=self.enable_thinking, tokenize=True,
+                                                  split_special_tokens=self.split_special_tokens)
 
     def stream(self, user_text):
         """Send one user message; returns an iterator of (channel, text) pieces of the reply ('thinking' or

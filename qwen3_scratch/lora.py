@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qwen3_scratch.utils import count_parameters
+from qwen3_scratch.utils import count_module_params
 from qwen3_scratch.weights import CheckpointError, check_tensors, checkpoint_name, read_safetensors_header
 
 
@@ -163,7 +163,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
 def trainable_parameters(model: nn.Module) -> dict:
     """{'trainable', 'total', 'fraction'}: parameters that get gradients, and all of them (shared ones once)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = count_parameters(model)
+    total = count_module_params(model)
     return dict(trainable=trainable, total=total, fraction=trainable / total)
 
 

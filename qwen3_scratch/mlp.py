@@ -2,7 +2,8 @@
 # Edit the notebook, then run `python tools/nb.py export`.
 """SwiGLU feed-forward, as in Qwen3 (and LLaMA): down_proj(silu(gate_proj(x)) * up_proj(x)), no biases.
 Applied to each token independently; chapter 06 reuses it for every expert. References: Shazeer 2020,
-"GLU Variants Improve Transformer"; transformers' Qwen3MLP. Shapes: D hidden, I intermediate size."""
+"GLU Variants Improve Transformer"; transformers' Qwen3MLP. Shapes: D hidden, I intermediate size.
+Chapter 05 owns it."""
 
 __all__ = ['SwiGLU']
 

@@ -2,10 +2,10 @@
 # Edit the notebook, then run `python tools/nb.py export`.
 """The Qwen3 decoder, dense and MoE in one class: token embedding, N pre-norm blocks, final RMSNorm, LM head.
 Parameter names are the checkpoint's without the leading "model." (lm_head.weight keeps its name).
-Legend: B batch, T tokens, S cached + new tokens, D hidden, Dh head_dim, V vocab. Reference: transformers'
-modeling_qwen3.py and modeling_qwen3_moe.py."""
+Legend: B batch, T tokens, S cached + new tokens, D hidden, Dh head_dim, V vocab. Chapter 07 owns it.
+Reference: transformers' modeling_qwen3.py and modeling_qwen3_moe.py."""
 
-__all__ = ['Qwen3Block', 'build_mask', 'Qwen3Model', 'count_params']
+__all__ = ['Qwen3Block', 'build_mask', 'Qwen3Model', 'config_param_counts']
 
 
 # %% notebooks/07_model.ipynb
@@ -128,7 +128,7 @@ def _skip_init():
 _COUNTS: dict = {}  # shape signature -> counts: presets that differ only in context length share one build
 
 
-def count_params(cfg: Qwen3Config) -> dict:
+def config_param_counts(cfg: Qwen3Config) -> dict:
     """Parameter counts of the model cfg describes, found by building it on the meta device (shapes only, no
     memory). total: unique parameters (a tied embedding counts once); embedding: the token embedding;
     lm_head: 0 when tied; active: what one token uses, every non-expert weight plus A experts per MoE layer."""

@@ -3,7 +3,8 @@
 """Sparse mixture-of-experts feed-forward (Qwen3-MoE): a router picks A of E SwiGLU experts per token.
 Qwen3 specifics: softmax over all E experts in fp32, top-k, then renormalize the k weights (norm_topk_prob).
 References: transformers' modeling_qwen3_moe.py; Switch Transformer (Fedus et al., 2021) for the balancing loss.
-Shapes: B batch, T tokens, N = B*T tokens flattened, D hidden, E experts, A active experts per token, L layers."""
+Shapes: B batch, T tokens, N = B*T tokens flattened, D hidden, E experts, A active experts per token, L layers.
+Chapter 06 owns it."""
 
 __all__ = ['Qwen3MoE', 'load_balancing_loss']
 

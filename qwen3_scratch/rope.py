@@ -4,7 +4,7 @@
 frequencies theta^(-2i/Dh) with theta = 1e6, pairs laid out as split halves (i, i + Dh/2), applied via rotate_half.
 The interleaved-pairs variant is here for teaching only: no released Qwen3 checkpoint uses it.
 References: Su et al., "RoFormer" (2021); transformers' Qwen3RotaryEmbedding and apply_rotary_pos_emb.
-Shapes: B batch, T tokens, H heads (query or key/value: RoPE treats them alike), Dh head_dim."""
+Shapes: B batch, T tokens, H heads (query or key/value: RoPE treats them alike), Dh head_dim. Chapter 03 owns it."""
 
 __all__ = ['rope_inv_freq', 'RotaryEmbedding', 'rotate_half', 'apply_rope', 'apply_rope_interleaved', 'interleaved_to_halves']
 
@@ -59,9 +59,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate every pair (i, i + Dh/2) of every head. x (B, H, T, Dh); cos/sin (B, T, Dh) -> (B, H, T, Dh)."""
-    if x.shape[-1] != cos.shape[-1]:
-        raise ValueError(f"x has head_dim {x.shape[-1]} but the cos/sin tables have {cos.shape[-1]}")
+    """Rotate every pair (i, i + Dh/2) of every head. x (B, H, T, Dh); cos/sin (B, T, Dh) -> (B, H, T, Dh).
+    Unchecked (it runs twice per layer per token): a head_dim that differs from the tables' fails in torch's
+    broadcasting; the model builds both from one config."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, Dh): the same rotation for every head
     return x * cos + rotate_half(x) * sin
 

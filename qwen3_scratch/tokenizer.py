@@ -3,27 +3,28 @@
 """Qwen3's tokenizer: the released byte-level BPE (run by the `tokenizers` library), Qwen3's chat template
 re-written in plain Python, and a streaming decoder for generation. Qwen3-specific: no BOS token, `<|im_end|>`
 ends a chat turn, `<think>...</think>` holds the reasoning. Reference: `tokenizer.json` and
-`tokenizer_config.json` from the Qwen3 checkpoints (bundled in `qwen3_scratch/data/`, see the NOTICE there)."""
+`tokenizer_config.json` from the Qwen3 checkpoints (bundled in `qwen3_scratch/data/`, see the NOTICE there).
+Chapter 01 owns it."""
 
 __all__ = ['bundled_tokenizer_dir', 'byte_decoder', 'Qwen3Tokenizer', 'render_chat', 'StreamDecoder']
 
 
 # %% notebooks/01_tokenizer.ipynb
 import codecs
-import importlib.util
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from qwen3_scratch.utils import package_dir
+
 
 # %% notebooks/01_tokenizer.ipynb
 def bundled_tokenizer_dir() -> Path:
     """The folder with the tokenizer files shipped inside the package, so that nothing needs downloading."""
-    spec = importlib.util.find_spec("qwen3_scratch")  # locate the package without importing it
-    pkg_dir = Path(spec.origin).parent if spec.origin else Path(next(iter(spec.submodule_search_locations)))
-    return pkg_dir / "data"
+    return package_dir() / "data"
 
 
 def byte_decoder() -> dict[str, int]:
@@ -79,11 +80,19 @@ class Qwen3Tokenizer:
     def __repr__(self) -> str:
         return f"Qwen3Tokenizer(vocab_size={self.vocab_size}, path='{self.path}')"
 
-    def encode(self, text: str) -> list[int]:
-        """Text -> token ids. Adds nothing (Qwen3 has no BOS); special tokens written in the text are matched."""
+    def encode(self, text: str, split_special_tokens: bool = False) -> list[int]:
+        """Text -> token ids. Adds nothing (Qwen3 has no BOS). Special tokens written in the text (`<|im_start|>`)
+        are matched, unless split_special_tokens=True: then they are plain text, as in transformers."""
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, got {type(text).__name__}")
-        return self.backend.encode(text, add_special_tokens=False).ids
+        return (self._plain() if split_special_tokens else self.backend).encode(text, add_special_tokens=False).ids
+
+    def _plain(self) -> Tokenizer:
+        """A copy of the backend that reads special-token text as plain text (made once, on first use)."""
+        if getattr(self, "_plain_backend", None) is None:
+            self._plain_backend = Tokenizer.from_str(self.backend.to_str())
+            self._plain_backend.encode_special_tokens = True  # <think>, <tool_call> (not special) still match
+        return self._plain_backend
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         """Token ids (a list, or a 1-D tensor) -> text."""
@@ -99,12 +108,42 @@ class Qwen3Tokenizer:
         return bytes(self._bytes_of_char[c] for c in token)
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True, enable_thinking: bool = True,
-                            tokenize: bool = False, tools=None):
+                            tokenize: bool = False, tools=None, split_special_tokens: bool = False):
         """Render a conversation exactly as Qwen3's official template does (see `render_chat`); with
-        `tokenize=True` return its token ids instead of the text."""
-        text = render_chat(messages, add_generation_prompt=add_generation_prompt,
-                           enable_thinking=enable_thinking, tools=tools)
-        return self.encode(text) if tokenize else text
+        `tokenize=True` return its token ids instead of the text. split_special_tokens=True (with tokenize):
+        special-token text inside the messages (`<|im_start|>system` typed by a user) stays plain text, so
+        only the template itself opens and closes turns; the default matches it, as the reference does."""
+        kw = dict(add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking, tools=tools)
+        if not split_special_tokens:
+            text = render_chat(messages, **kw)
+            return self.encode(text) if tokenize else text
+        if not tokenize:
+            raise ValueError("split_special_tokens=True needs tokenize=True: the rendered text cannot tell the "
+                             "template's <|im_start|> from one typed in a message")
+        # swap the text of every special token in the messages and tools for a placeholder (a private-use
+        # character that none of them contains, and a number), render: now every special token in the text is
+        # the template's own. Encode the text between them with the placeholders put back, as plain text.
+        special = sorted((t for t, i in self.special_tokens.items() if i in self._control_ids), key=len, reverse=True)
+        everything = repr((messages, tools))
+        mark = next(chr(c) for c in range(0xE000, 0xF900) if chr(c) not in everything)
+
+        def hide(x):
+            if isinstance(x, str):
+                for k, t in enumerate(special):
+                    x = x.replace(t, f"{mark}{k}{mark}")
+                return x
+            if isinstance(x, Mapping):
+                return {key: hide(v) for key, v in x.items()}
+            return [hide(v) for v in x] if isinstance(x, (list, tuple)) else x
+        text = render_chat(hide(messages), **dict(kw, tools=hide(tools)))
+        ids = []
+        for piece in re.split("(" + "|".join(map(re.escape, special)) + ")", text):
+            if piece in self.special_tokens:
+                ids.append(self.special_tokens[piece])
+            elif piece:
+                piece = re.sub(f"{mark}(\\d+){mark}", lambda m: special[int(m.group(1))], piece)
+                ids += self.encode(piece, split_special_tokens=True)
+        return ids
 
 
 # %% notebooks/01_tokenizer.ipynb
@@ -221,6 +260,8 @@ class StreamDecoder:
         """Feed one token id; return the text that became printable ('' while a character is incomplete)."""
         token_id = int(token_id)
         if self.skip_special_tokens and token_id in self.tokenizer._control_ids:
+            return ""
+        if token_id >= self.tokenizer.vocab_size:  # an embedding row without a token: decode drops it, so do we
             return ""
         return self._utf8.decode(self.tokenizer.token_bytes(token_id))
 

@@ -2,16 +2,15 @@
 # Edit the notebook, then run `python tools/nb.py export`.
 """Load released Qwen3 checkpoints (config.json + safetensors, single or sharded, dense or MoE) into Qwen3Model,
 strictly: every stored tensor must map to a parameter of the right shape, checked from the headers first.
-Also finds checkpoints on the Hugging Face Hub or ModelScope, and writes checkpoints in the same format.
-Reference: the safetensors format (github.com/huggingface/safetensors) and the Hub's cache layout."""
+Also writes checkpoints in the same format; finding a checkpoint (a folder, the Hub, ModelScope) is hub.py's job.
+Chapter 08 owns it. Reference: the safetensors format (github.com/huggingface/safetensors)."""
 
-__all__ = ['CheckpointError', 'read_safetensors_header', 'checkpoint_files', 'checkpoint_name', 'expected_tensors', 'check_tensors', 'choose_dtype', 'load_state_dict_strict', 'HUB_PATTERNS', 'SOURCES', 'preset_repo_id', 'resolve_checkpoint', 'read_config', 'load_pretrained', 'save_pretrained']
+__all__ = ['CheckpointError', 'read_safetensors_header', 'checkpoint_files', 'checkpoint_name', 'expected_tensors', 'check_tensors', 'choose_dtype', 'load_state_dict_strict', 'read_config', 'load_pretrained', 'save_pretrained']
 
 
 # %% notebooks/08_weights.ipynb
 import json
 import math
-import os
 import re
 import struct
 import warnings
@@ -20,9 +19,11 @@ from pathlib import Path
 import safetensors
 import torch
 
-from qwen3_scratch.config import HF_REPOS, Qwen3Config
+from qwen3_scratch.config import Qwen3Config
+from qwen3_scratch.hub import resolve_checkpoint
 from qwen3_scratch.model import Qwen3Model
-from qwen3_scratch.rope import RotaryEmbedding, rope_inv_freq
+from qwen3_scratch.rope import RotaryEmbedding
+from qwen3_scratch.utils import default_device, parse_dtype
 
 
 # %% notebooks/08_weights.ipynb
@@ -103,33 +104,53 @@ def _names(names, limit=8) -> str:
 
 
 # %% notebooks/08_weights.ipynb
-def checkpoint_files(directory) -> dict[str, Path]:
-    """{checkpoint tensor name: the .safetensors file holding it}, from model.safetensors.index.json
-    (sharded) or model.safetensors (single file). Checks that index and shards agree."""
+from pathlib import PurePosixPath, PureWindowsPath
+
+
+def _shard_file(index_path, name, file) -> str:
+    """A weight_map entry must name a file *in* the checkpoint folder: refuse '../x', absolute paths, drives."""
+    posix, windows = PurePosixPath(str(file)), PureWindowsPath(str(file))
+    if (not isinstance(file, str) or not file.strip() or "\0" in file or posix.is_absolute() or windows.drive
+            or windows.is_absolute() or ".." in posix.parts or ".." in windows.parts):
+        raise CheckpointError(f"{index_path}: weight_map[{name!r}] = {json.dumps(file)} is not a file name inside "
+                              "the checkpoint folder (no '..', no absolute path); refusing to read outside it")
+    return file
+
+
+def _read_index(index_path) -> dict[str, str]:
+    """{tensor name: shard file name} from model.safetensors.index.json, every entry checked."""
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index_path}: not a valid safetensors index ({e!r})") from None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index_path}: weight_map must be an object {{tensor name: shard file}}, "
+                              f"got {type(weight_map).__name__}")
+    return {name: _shard_file(index_path, name, file) for name, file in weight_map.items()}
+
+
+def _read_checkpoint(directory) -> tuple[dict[str, Path], dict[Path, dict]]:
+    """({tensor name: its .safetensors file}, {file: its checked header}): every header read exactly once."""
     directory = Path(directory)
     index_path, single = directory / INDEX_NAME, directory / SINGLE_NAME
     if index_path.is_file():
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index_path}: not a valid safetensors index ({e!r})") from None
-        files = {name: directory / file for name, file in weight_map.items()}
+        files = {name: directory / file for name, file in _read_index(index_path).items()}
         missing = sorted({p.name for p in files.values() if not p.is_file()})
         if missing:
             raise CheckpointError(f"{index_path} refers to missing shard(s): {', '.join(missing)} (in {directory}); "
                                   "the download is incomplete")
-        listed = {}
-        for shard in sorted(set(files.values())):
-            listed[shard] = {k for k in read_safetensors_header(shard) if k != "__metadata__"}
+        headers = {shard: read_safetensors_header(shard) for shard in sorted(set(files.values()))}
+        listed = {p: {k for k in h if k != "__metadata__"} for p, h in headers.items()}
         absent = sorted(n for n, p in files.items() if n not in listed[p])
         unlisted = sorted(f"{n} (in {p.name})" for p, names in listed.items() for n in names if files.get(n) != p)
         if absent or unlisted:
             raise CheckpointError(f"{index_path} disagrees with its shards: " + "; ".join(
                 ([f"listed but not in the shard: {_names(absent)}"] if absent else []) +
                 ([f"in a shard but not listed: {_names(unlisted)}"] if unlisted else [])))
-        return files
+        return files, headers
     if single.is_file():
-        return {k: single for k in read_safetensors_header(single) if k != "__metadata__"}
+        header = read_safetensors_header(single)
+        return {k: single for k in header if k != "__metadata__"}, {single: header}
     pickles = [n for n in _PICKLE_NAMES if (directory / n).exists()]
     if pickles:
         raise CheckpointError(f"{directory} has only {', '.join(pickles)} (PyTorch pickle), which is refused: "
@@ -139,18 +160,65 @@ def checkpoint_files(directory) -> dict[str, Path]:
     raise CheckpointError(f"{directory}: no {SINGLE_NAME} or {INDEX_NAME} (found: {', '.join(found) or 'nothing'})")
 
 
+def checkpoint_files(directory) -> dict[str, Path]:
+    """{checkpoint tensor name: the .safetensors file holding it}, from model.safetensors.index.json
+    (sharded) or model.safetensors (single file). Checks that index and shards agree."""
+    return _read_checkpoint(directory)[0]
+
+
+def _stored(files: dict, headers: dict) -> dict:
+    """{name: (stored dtype, shape)} from the headers, plus the shard's path when there are several (for messages)."""
+    several = len(headers) > 1
+    return {n: (headers[p][n]["dtype"], headers[p][n]["shape"]) + ((p,) if several else ()) for n, p in files.items()}
+
+
 # %% notebooks/08_weights.ipynb
 def checkpoint_name(param_name: str) -> str:
     """Our parameter name -> the checkpoint's: 'layers.0.mlp.gate.weight' -> 'model.layers.0.mlp.gate.weight'."""
     return param_name if param_name.startswith("lm_head.") else "model." + param_name
 
 
-def expected_tensors(model: torch.nn.Module) -> dict[str, tuple]:
-    """{checkpoint name: shape} that a checkpoint for `model` must hold (no lm_head.weight when tied).
-    Works on a model built on the meta device: only names and shapes are read."""
+def _count_tensors(cfg: Qwen3Config) -> int:
+    """How many tensors a checkpoint for `cfg` holds, by arithmetic (a config.json may claim 10**9 experts)."""
+    L, E = cfg.num_hidden_layers, cfg.num_experts
+    step = cfg.decoder_sparse_step
+    moe = 0 if E == 0 else L // step - len({i for i in cfg.mlp_only_layers if (i + 1) % step == 0})
+    per_layer = 8  # 2 norms, q/k/v/o projections, q_norm, k_norm
+    return 2 + (not cfg.tie_word_embeddings) + L * per_layer + (L - moe) * 3 + moe * (1 + 3 * E)
+
+
+def expected_tensors(model_or_config) -> dict[str, tuple]:
+    """{checkpoint name: shape} that a checkpoint must hold (no lm_head.weight when tied), for a model (read
+    from its parameters: a model built on the meta device is fine) or for a Qwen3Config (by arithmetic, so that
+    a config.json can be checked against the stored tensors before anything is built)."""
+    if isinstance(model_or_config, Qwen3Config):
+        return _expected_from_config(model_or_config)
+    model = model_or_config
     tied = model.lm_head.weight is model.embed_tokens.weight
     return {checkpoint_name(k): tuple(v.shape) for k, v in model.state_dict().items()
             if not (tied and k == "lm_head.weight")}
+
+
+def _expected_from_config(c: Qwen3Config) -> dict[str, tuple]:
+    D, H, K, Dh, V = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.vocab_size
+    out = {"model.embed_tokens.weight": (V, D)}
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        out.update({p + "input_layernorm.weight": (D,), p + "self_attn.q_proj.weight": (H * Dh, D),
+                    p + "self_attn.k_proj.weight": (K * Dh, D), p + "self_attn.v_proj.weight": (K * Dh, D),
+                    p + "self_attn.o_proj.weight": (D, H * Dh), p + "self_attn.q_norm.weight": (Dh,),
+                    p + "self_attn.k_norm.weight": (Dh,), p + "post_attention_layernorm.weight": (D,)})
+        if c.is_moe_layer(i):
+            I, mlps = c.moe_intermediate_size, [p + f"mlp.experts.{e}." for e in range(c.num_experts)]
+            out[p + "mlp.gate.weight"] = (c.num_experts, D)
+        else:
+            I, mlps = c.intermediate_size, [p + "mlp."]
+        for m in mlps:
+            out.update({m + "gate_proj.weight": (I, D), m + "up_proj.weight": (I, D), m + "down_proj.weight": (D, I)})
+    out["model.norm.weight"] = (D,)
+    if not c.tie_word_embeddings:
+        out["lm_head.weight"] = (V, D)
+    return out
 
 
 # %% notebooks/08_weights.ipynb
@@ -174,58 +242,61 @@ def check_tensors(expected: dict, found: dict, where="checkpoint") -> None:
 
 
 # %% notebooks/08_weights.ipynb
-_DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-                "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-                "float64": torch.float64, "fp64": torch.float64}
-
-
-def _as_dtype(dtype, what="dtype") -> torch.dtype:
-    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
-        return dtype
-    key = str(dtype).removeprefix("torch.").lower()
-    if key not in _DTYPE_NAMES:
-        raise ValueError(f"{what}={dtype!r} is not a floating-point dtype; use one of {', '.join(_DTYPE_NAMES)}")
-    return _DTYPE_NAMES[key]
-
-
-# %% notebooks/08_weights.ipynb
 def choose_dtype(dtype, device, config: dict, found: dict | None = None) -> torch.dtype:
     """The dtype to load into. Asked for: that. "auto" or on CUDA: the checkpoint's (config.json's
     torch_dtype/dtype, else the stored tensors'). Otherwise float32 (CPUs are slow and imprecise in bf16)."""
     if dtype is not None and dtype != "auto":
-        return _as_dtype(dtype)
+        return parse_dtype(dtype)
     if dtype == "auto" or torch.device(device).type == "cuda":
         stored = config.get("torch_dtype") or config.get("dtype")
         if stored:
-            return _as_dtype(stored, what="config.json dtype")
-        kinds = [d for d, _ in (found or {}).values() if d in _FLOAT_DTYPES]
+            return parse_dtype(stored, what="config.json dtype")
+        kinds = [v[0] for v in (found or {}).values() if v[0] in _FLOAT_DTYPES]  # v: (dtype, shape[, file])
         return _ST_DTYPES[max(set(kinds), key=kinds.count)][1] if kinds else torch.float32
     return torch.float32
 
 
 # %% notebooks/08_weights.ipynb
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _same_as_embedding(path, embedding: torch.Tensor, rows: int = 8192) -> bool:
-    """Does the lm_head.weight stored in `path` equal `embedding` (V, D)? Compared `rows` rows at a time from
-    the memory-mapped file, so the redundant copy is never materialized whole."""
-    with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
-        stored = f.get_slice("lm_head.weight")
-        for i in range(0, embedding.shape[0], rows):
-            block = stored[i:i + rows].to(device=embedding.device, dtype=embedding.dtype)  # (rows, D)
-            if not torch.equal(block, embedding[i:i + rows]):
-                return False
+def _same_as_embedding(source, embedding: torch.Tensor, rows: int = 8192) -> bool:
+    """Does the lm_head.weight stored in `source` (a path, or a file already opened with safe_open) equal
+    `embedding` (V, D)? Compared `rows` rows at a time from the memory-mapped file, so the redundant copy is
+    never materialized whole."""
+    if isinstance(source, (str, Path)):
+        with safetensors.safe_open(str(source), framework="pt", device="cpu") as f:
+            return _same_as_embedding(f, embedding, rows)
+    stored = source.get_slice("lm_head.weight")
+    for i in range(0, embedding.shape[0], rows):
+        block = stored[i:i + rows].to(device=embedding.device, dtype=embedding.dtype)  # (rows, D)
+        if not torch.equal(block, embedding[i:i + rows]):
+            return False
     return True
 
 
+def _warn_non_finite(tensors: dict, files: dict) -> None:
+    """Warn, naming each tensor and its file, when a loaded tensor holds NaN or inf. Cheap: one fp32 sum per
+    tensor and one device sync in all; only tensors whose sum is not finite are counted exactly (a sum can
+    overflow on large finite values)."""
+    if not tensors:
+        return
+    sums = torch.stack([t.sum(dtype=torch.float32) for t in tensors.values()])  # (N,)
+    suspects = [name for name, ok in zip(tensors, sums.isfinite().tolist()) if not ok]
+    bad = []
+    for name in suspects:
+        t = tensors[name]
+        counts = [(int(t.isnan().sum()), "NaN"), (int(t.isinf().sum()), "inf")]
+        if any(n for n, _ in counts):
+            what = " and ".join(f"{n:,} {kind}" for n, kind in counts if n)
+            bad.append(f"{name} holds {what} values (in {Path(files[name]).name})")
+    if bad:
+        warnings.warn(f"non-finite weights loaded (the model will produce NaN): {'; '.join(bad)}")
+
+
 def _materialize_buffers(model: torch.nn.Module, device) -> None:
-    """Non-persistent buffers are not in checkpoints: compute them on the target device (kept in fp32)."""
+    """Non-persistent buffers are not in checkpoints: move them to the target device (RoPE's inv_freq stays fp32:
+    RotaryEmbedding recomputes it on every move, chapter 03)."""
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
-            module.inv_freq = rope_inv_freq(module.head_dim, module.theta).to(device)
+            module.to(device)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise CheckpointError(f"still on the meta device after loading: {_names(left)}")
@@ -235,15 +306,24 @@ def _materialize_buffers(model: torch.nn.Module, device) -> None:
 def load_state_dict_strict(model: Qwen3Model, directory, dtype=None, device=None) -> Qwen3Model:
     """Fill `model` (ideally built on the meta device) from the checkpoint in `directory`, strictly: every stored
     tensor is used, every parameter is filled with the right shape, checked from the headers before loading.
-    Tensors go straight to `device` in `dtype` (see choose_dtype), one at a time. Returns the model."""
-    directory = Path(directory)
-    files = checkpoint_files(directory)
-    shards = sorted(set(files.values()))
-    found = {}  # name -> (stored dtype, shape), plus the shard's path when there are several, for the messages
-    for path in shards:
-        header = read_safetensors_header(path)
-        found.update({n: (header[n]["dtype"], header[n]["shape"]) + ((path,) if len(shards) > 1 else ())
-                      for n, p in files.items() if p == path})
+    Tensors go straight to `device` in `dtype` (see choose_dtype). All or nothing: every shard is opened and
+    read before the first parameter is replaced, so a failure leaves `model` as it was. Returns the model."""
+    return _load_checked(model, Path(directory), *_read_checkpoint(directory), dtype=dtype, device=device)
+
+
+def _read_json_object(path) -> dict:
+    """config.json as a dict for the dtype choice; {} when absent (read_config has the strict reader)."""
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    return raw if isinstance(raw, dict) else {}
+
+
+def _load_checked(model, directory, files, headers, dtype=None, device=None):
+    found = _stored(files, headers)
     expected = expected_tensors(model)
     tied = model.lm_head.weight is model.embed_tokens.weight
     redundant_head = tied and "lm_head.weight" in found  # a tied checkpoint that stores the shared matrix twice
@@ -251,152 +331,45 @@ def load_state_dict_strict(model: Qwen3Model, directory, dtype=None, device=None
         expected["lm_head.weight"] = tuple(model.lm_head.weight.shape)
     check_tensors(expected, found, where=str(directory))
 
-    config = json.loads((directory / "config.json").read_text()) if (directory / "config.json").is_file() else {}
-    device = torch.device(device) if device is not None else _default_device()
+    device = torch.device(device) if device is not None else default_device()
+    if device.type == "meta":
+        raise ValueError("device='meta' holds shapes but no numbers: load onto cpu or cuda (to inspect shapes "
+                         "only, build the model under torch.device('meta') and skip loading)")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    dtype = choose_dtype(dtype, device, config, found)
+    dtype = choose_dtype(dtype, device, _read_json_object(directory / "config.json"), found)
     ours = {checkpoint_name(k): k for k in model.state_dict()}
-    for path in shards:
-        shard = {}
-        try:  # safe_open memory-maps the file and creates each tensor directly on `device`
+    state, untie, compared = {}, False, False  # state: our name -> tensor, all read before anything is assigned
+    for path in headers:
+        try:  # safe_open validates the file its own way, memory-maps it, creates each tensor directly on `device`
             with safetensors.safe_open(str(path), framework="pt", device=str(device)) as f:
                 for name in f.keys():
                     if redundant_head and name == "lm_head.weight":
-                        continue  # checked against the embedding below, never loaded
-                    shard[ours[name]] = f.get_tensor(name).to(dtype)  # no copy when already stored in `dtype`
+                        continue  # compared with the embedding below, loaded only if it differs
+                    state[ours[name]] = f.get_tensor(name).to(dtype)  # no copy when already stored in `dtype`
+                if redundant_head and path == files["lm_head.weight"] and "embed_tokens.weight" in state:
+                    untie, compared = not _same_as_embedding(f, state["embed_tokens.weight"]), True
+                    if untie:
+                        state["lm_head.weight"] = f.get_tensor("lm_head.weight").to(dtype)
         except safetensors.SafetensorError as e:
             raise CheckpointError(f"{path}: unreadable safetensors file ({e}); re-download it") from None
-        model.load_state_dict(shard, strict=False, assign=True)  # assign: the tensors become the parameters
-        del shard
-    if tied:
-        model.lm_head.weight = model.embed_tokens.weight
-        if redundant_head and not _same_as_embedding(files["lm_head.weight"], model.embed_tokens.weight):
-            warnings.warn(f"{files['lm_head.weight']}: config.json says tie_word_embeddings=true, but the stored "
-                          "lm_head.weight differs from model.embed_tokens.weight; untying and using the stored "
-                          "head, as transformers does")
+    if redundant_head and not compared:  # the embedding's shard came after the head's: compare now
+        untie = not _same_as_embedding(files["lm_head.weight"], state["embed_tokens.weight"])
+        if untie:
             with safetensors.safe_open(str(files["lm_head.weight"]), framework="pt", device=str(device)) as f:
-                model.lm_head.weight = torch.nn.Parameter(f.get_tensor("lm_head.weight").to(dtype))
-            model.config.tie_word_embeddings = False
+                state["lm_head.weight"] = f.get_tensor("lm_head.weight").to(dtype)
+    _warn_non_finite({checkpoint_name(k): t for k, t in state.items()}, files)
+    # every file is read: only now replace the parameters (assign: the tensors become the parameters)
+    model.load_state_dict(state, strict=False, assign=True)
+    if untie:
+        warnings.warn(f"{files['lm_head.weight']}: config.json says tie_word_embeddings=true, but the stored "
+                      "lm_head.weight differs from model.embed_tokens.weight; untying and using the stored "
+                      "head, as transformers does")
+        model.config.tie_word_embeddings = False
+    elif tied:
+        model.lm_head.weight = model.embed_tokens.weight
     _materialize_buffers(model, device)
     return model
-
-
-# %% notebooks/08_weights.ipynb
-HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", INDEX_NAME, "tokenizer.json",
-                "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json"]
-SOURCES = ("auto", "local", "hf", "modelscope")
-
-
-def preset_repo_id(name: str) -> str | None:
-    """'0.6B' -> 'Qwen/Qwen3-0.6B' (the official repository of a preset, from chapter 07's HF_REPOS), else None."""
-    return HF_REPOS.get(name)
-
-
-def _env_flag(name: str):
-    """True/False for an environment variable such as HF_HUB_OFFLINE=1, None when it is not set."""
-    value = os.environ.get(name)
-    return None if value is None else value.strip().lower() in ("1", "true", "yes", "on")
-
-
-def _hub_cache_dir():
-    """HF_HUB_CACHE / HF_HOME as they are *now* (huggingface_hub reads them once, at import)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.environ["HF_HUB_CACHE"]
-    if os.environ.get("HF_HOME"):
-        return os.path.join(os.environ["HF_HOME"], "hub")
-    return None
-
-
-# %% notebooks/08_weights.ipynb
-def _network_errors() -> tuple:
-    """The exception types that mean 'could not reach the Hub, and no cached copy'."""
-    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
-    errors = [LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError, TimeoutError]
-    for mod in ("httpx2", "httpx", "requests"):  # whichever HTTP client this huggingface_hub uses
-        try:
-            lib = __import__(mod)
-        except ImportError:
-            continue
-        errors += [getattr(lib, n, None) for n in ("TransportError", "ConnectionError", "Timeout")]
-    return tuple(e for e in errors if isinstance(e, type) and issubclass(e, BaseException))
-
-
-def _no_network(repo_id: str, why: str) -> RuntimeError:
-    return RuntimeError(
-        f"could not download {repo_id} ({why}). Download it where you have internet with "
-        f"'hf download {repo_id} --local-dir DIR' (or set HF_ENDPOINT to a mirror, or use source='modelscope') "
-        "and pass that DIR.")
-
-
-# %% notebooks/08_weights.ipynb
-def _from_hub(repo_id, revision, cache_dir, local_files_only) -> Path:
-    import huggingface_hub
-    from huggingface_hub import constants as hub_constants  # a submodule: not an attribute until imported
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
-    offline = local_files_only
-    if offline is None:  # follow HF_HUB_OFFLINE as it is now, else as huggingface_hub read it at import
-        offline = _env_flag("HF_HUB_OFFLINE")
-        offline = hub_constants.HF_HUB_OFFLINE if offline is None else offline
-    try:
-        folder = huggingface_hub.snapshot_download(
-            repo_id, revision=revision, allow_patterns=HUB_PATTERNS, cache_dir=cache_dir or _hub_cache_dir(),
-            endpoint=os.environ.get("HF_ENDPOINT") or None, local_files_only=offline)
-    except RevisionNotFoundError:
-        raise RuntimeError(f"{repo_id} has no revision {revision!r} on the Hub") from None
-    except GatedRepoError:
-        raise RuntimeError(f"{repo_id} is gated: accept its licence on the Hub and log in ('hf auth login')") from None
-    except RepositoryNotFoundError:
-        raise RuntimeError(f"{repo_id} was not found on the Hub (check the spelling; private repos need "
-                           "'hf auth login')") from None
-    except _network_errors():
-        if not offline:
-            why = "no network?"
-        elif local_files_only:
-            why = "not in the local cache, and local_files_only=True"
-        else:
-            why = "not in the local cache and HF_HUB_OFFLINE=1"
-        raise _no_network(repo_id, why) from None
-    return Path(folder)
-
-
-# %% notebooks/08_weights.ipynb
-def _from_modelscope(repo_id, revision, cache_dir) -> Path:
-    try:
-        import modelscope
-    except ImportError:
-        raise ImportError("source='modelscope' needs the modelscope package: pip install modelscope") from None
-    kwargs = dict(revision=revision) if revision else {}
-    try:
-        folder = modelscope.snapshot_download(repo_id, cache_dir=cache_dir, allow_patterns=HUB_PATTERNS, **kwargs)
-    except Exception as e:  # modelscope's errors have no common base class; keep the reason on one line
-        raise RuntimeError(f"could not download {repo_id} from ModelScope ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else ''}). Download it where you have internet "
-                           f"and pass the folder.") from None
-    return Path(folder)
-
-
-# %% notebooks/08_weights.ipynb
-def resolve_checkpoint(name_or_path, revision=None, source="auto", *, cache_dir=None,
-                       local_files_only=None) -> Path:
-    """A local checkpoint folder for a directory, a preset name ('0.6B'), or a repo id ('Qwen/Qwen3-0.6B') fetched
-    from the Hugging Face Hub (default) or ModelScope (source='modelscope'). local_files_only=None follows
-    HF_HUB_OFFLINE; cache_dir=None follows HF_HUB_CACHE."""
-    if source not in SOURCES:
-        raise ValueError(f"source={source!r}; choose one of {', '.join(SOURCES)}")
-    path = Path(os.path.expanduser(str(name_or_path)))
-    if source in ("auto", "local") and path.exists():
-        if revision is not None:
-            raise ValueError(f"revision={revision!r} only applies to repo ids, not to the local path {path}")
-        return path if path.is_dir() else path.parent
-    text = str(name_or_path)
-    repo_id = preset_repo_id(text) or text
-    if source == "local" or not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id) or text.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{name_or_path!r} is not an existing directory"
-                                + ("" if source == "local" else " nor a repo id like 'Qwen/Qwen3-0.6B'"))
-    if source == "modelscope":
-        return _from_modelscope(repo_id, revision, cache_dir)
-    return _from_hub(repo_id, revision, cache_dir, local_files_only)
 
 
 # %% notebooks/08_weights.ipynb
@@ -412,25 +385,44 @@ def read_config(directory) -> tuple[Qwen3Config, dict]:
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: not a JSON object")
     if raw.get("quantization_config"):
-        method = (raw["quantization_config"] or {}).get("quant_method", "?")
+        quant = raw["quantization_config"]
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
         raise CheckpointError(f"{path}: quantized checkpoints ({method}) are not supported; use the bf16 release")
     try:
         return Qwen3Config.from_hf(raw), raw
-    except (ValueError, TypeError) as e:  # model_type, rope scaling, impossible sizes: say which file
+    except (ValueError, TypeError, OverflowError) as e:  # model_type, rope scaling, impossible sizes: name the file
         raise CheckpointError(f"{path}: {str(e).removeprefix('config dict: ')}") from None
 
 
 # %% notebooks/08_weights.ipynb
+def _check_config_against_headers(config: Qwen3Config, found: dict, directory: Path) -> None:
+    """config.json's sizes must describe the stored tensors before anything is built: a config that says
+    head_dim=2e9 or 10**6 layers would otherwise allocate gigabytes (or build for minutes) before failing."""
+    n, held = _count_tensors(config), len(found)
+    held -= config.tie_word_embeddings and "lm_head.weight" in found  # a redundant copy of a tied head
+    if n != held and n > 2 * held + 16:  # too many to list one by one
+        raise CheckpointError(
+            f"{directory / 'config.json'} describes {n:,} tensors (num_hidden_layers={config.num_hidden_layers}, "
+            f"num_experts={config.num_experts}) but the checkpoint holds {held:,}: config.json and the weights do "
+            "not belong together")
+    expected = expected_tensors(config)
+    if config.tie_word_embeddings and "lm_head.weight" in found:
+        expected["lm_head.weight"] = expected["model.embed_tokens.weight"]
+    check_tensors(expected, found, where=f"{directory} (config.json vs the stored tensors)")
+
+
 def load_pretrained(name_or_path, dtype=None, device=None, revision=None, source="auto", *,
                     cache_dir=None) -> Qwen3Model:
     """A ready-to-run Qwen3Model (eval mode) from a checkpoint folder, preset name or repo id.
     dtype: None = the checkpoint's on CUDA (bf16 for the releases), float32 on CPU; "auto" = the checkpoint's.
-    device: None = cuda if available, else cpu."""
+    device: None = chapter 00's default_device() (cuda, else mps, else cpu)."""
     directory = resolve_checkpoint(name_or_path, revision=revision, source=source, cache_dir=cache_dir)
     config, _ = read_config(directory)
+    files, headers = _read_checkpoint(directory)  # each header read once, here
+    _check_config_against_headers(config, _stored(files, headers), directory)
     with torch.device("meta"):
         model = Qwen3Model(config)
-    return load_state_dict_strict(model, directory, dtype=dtype, device=device).eval()
+    return _load_checked(model, directory, files, headers, dtype=dtype, device=device).eval()
 
 
 # %% notebooks/08_weights.ipynb

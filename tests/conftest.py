@@ -2,7 +2,23 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("QWEN3_SCRATCH_QUICK", "1")  # chapters that train or time things run their short version
 sys.path.insert(0, str(Path(__file__).parent))  # `import hf_ref` from any test
+
+
+@pytest.fixture(scope="module")
+def hf_ckpt(tmp_path_factory):
+    """{'dense'|'moe': (transformers model, its save_pretrained folder)}; dense is tied, MoE untied.
+    Checkpoints written by transformers itself, for the loading tests (test_weights, test_hub)."""
+    from hf_ref import tiny_hf_model
+    out = {}
+    for kind in ("dense", "moe"):
+        ref = tiny_hf_model(moe=kind == "moe", seed=1)
+        folder = tmp_path_factory.mktemp(kind)
+        ref.save_pretrained(folder)
+        out[kind] = (ref, folder)
+    return out

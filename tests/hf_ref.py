@@ -1,4 +1,4 @@
-"""Helpers shared by the tests: tiny random transformers models and porting their weights into ours."""
+"""Helpers shared by the tests: tiny random transformers models (porting their weights is qwen3_scratch.hf_port)."""
 import torch
 
 
@@ -24,23 +24,3 @@ def tiny_hf_model(moe=False, seed=0, std=0.1, **over):
         for p in model.parameters():
             p.normal_(0, std)
     return model
-
-
-def hf_to_scratch(state_dict):
-    """transformers' in-memory names -> ours. transformers 5 fuses experts into 3-D tensors
-    (experts.gate_up_proj (E, 2I, D), experts.down_proj (E, D, I)); checkpoints and our model keep one
-    SwiGLU per expert. We drop the 'model.' prefix."""
-    out = {}
-    for k, v in state_dict.items():
-        k = k.removeprefix("model.")
-        if k.endswith("experts.gate_up_proj"):
-            inter = v.shape[1] // 2
-            for e in range(v.shape[0]):
-                out[k.replace("gate_up_proj", f"{e}.gate_proj.weight")] = v[e, :inter]
-                out[k.replace("gate_up_proj", f"{e}.up_proj.weight")] = v[e, inter:]
-        elif k.endswith("experts.down_proj"):
-            for e in range(v.shape[0]):
-                out[k.replace("down_proj", f"{e}.down_proj.weight")] = v[e]
-        else:
-            out[k] = v
-    return out

@@ -52,16 +52,16 @@ def pair():
 def test_shapes(num_kv_heads, record):
     torch.manual_seed(0)
     layer = Qwen3Attention(48, 4, num_kv_heads, head_dim=16).eval()  # H * Dh = 64 != D = 48, as in Qwen3
-    layer.record_weights = record
+    layer.record_probs = record
     assert layer.q_proj.weight.shape == (64, 48) and layer.k_proj.weight.shape == (num_kv_heads * 16, 48)
     assert layer.o_proj.weight.shape == (48, 64) and layer.q_norm.weight.shape == (16,)
     cos, sin = rope_tables(3, 5)
     with torch.no_grad():
         out = layer(torch.randn(3, 5, 48), cos, sin)
     assert out.shape == (3, 5, 48)
-    assert (layer.last_weights is not None) == record
+    assert (layer.last_probs is not None) == record
     if record:
-        assert layer.last_weights.shape == (3, 4, 5, 5)
+        assert layer.last_probs.shape == (3, 4, 5, 5)
 
 
 def test_no_biases_and_checkpoint_names():
@@ -81,16 +81,16 @@ def test_matches_transformers(pair, T, padding, record):
     cos, sin = rope_tables(B, T)
     mask = padded_mask(B, T, min(3, T - 1)) if padding else None
     ref_mask = causal_mask(T)[None, None] if mask is None else mask
-    ours.record_weights = record
+    ours.record_probs = record
     try:
         with torch.no_grad():
             want, want_w = ref(x, (cos, sin), additive(ref_mask))
             got = ours(x, cos, sin, mask)
     finally:
-        ours.record_weights = False
+        ours.record_probs = False
     assert (got - want).abs().max().item() <= 1e-5
     if record:
-        assert (ours.last_weights - want_w).abs().max().item() <= 1e-6
+        assert (ours.last_probs - want_w).abs().max().item() <= 1e-6
 
 
 def test_rope_tables_match_transformers():
@@ -133,7 +133,7 @@ def test_layer_sdpa_equals_eager_with_cache_like_offsets():
     cos, sin = rope_tables(2, 9)
     outs = {}
     for record in (False, True):
-        layer.record_weights = record
+        layer.record_probs = record
         cache = KVCache(1, 2, 16, K, DH)
         with torch.no_grad():
             first = layer(x[:, :5], cos[:, :5], sin[:, :5], kv_cache=cache)
@@ -141,7 +141,7 @@ def test_layer_sdpa_equals_eager_with_cache_like_offsets():
             second = layer(x[:, 5:], cos[:, 5:], sin[:, 5:], kv_cache=cache)  # T = 4 queries, S = 9 keys
         outs[record] = torch.cat([first, second], dim=1)
     with torch.no_grad():
-        layer.record_weights = False
+        layer.record_probs = False
         full = layer(x, cos, sin)
     assert torch.allclose(outs[False], outs[True], atol=1e-6)
     assert torch.allclose(outs[False], full, atol=1e-5), "chunked prefill with a cache must equal one full pass"
@@ -164,14 +164,14 @@ def test_cached_decoding_equals_full_pass():
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
 
 
-def test_record_weights_rows_sum_to_one_and_are_causal():
+def test_record_probs_rows_sum_to_one_and_are_causal():
     torch.manual_seed(0)
     layer = Qwen3Attention(D, H, K, DH).eval()
-    layer.record_weights = True
+    layer.record_probs = True
     cos, sin = rope_tables(2, 10)
     with torch.no_grad():
         layer(torch.randn(2, 10, D), cos, sin)
-    w = layer.last_weights
+    w = layer.last_probs
     assert w.shape == (2, H, 10, 10)
     assert torch.allclose(w.sum(-1), torch.ones(2, H, 10), atol=1e-6)
     assert torch.all(w.triu(1) == 0), "weights above the diagonal (future tokens) must be exactly zero"

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from qwen3_scratch.config import HF_REPOS, PRESETS, Qwen3Config, preset_name
-from qwen3_scratch.model import Qwen3Model, count_params
+from qwen3_scratch.model import Qwen3Model, config_param_counts
 
 # Qwen/Qwen3-30B-A3B-Thinking-2507/config.json as released (transformers 4.51 spelling)
 RELEASED_30B_2507 = {
@@ -81,13 +81,13 @@ def test_every_preset_builds_on_meta():
 
 
 def full_counts(name):
-    """count_params of a preset. The two largest MoE models take several seconds to build in full, so here
+    """config_param_counts of a preset. The two largest MoE models take several seconds to build in full, so here
     they are extrapolated from 1- and 2-layer builds (every layer has the same shape); the notebook builds
     them whole. Exact either way: total(L) = total(1) + (L - 1) * (total(2) - total(1))."""
     cfg = Qwen3Config.from_preset(name)
     if cfg.num_hidden_layers * cfg.num_experts < 8_000:  # all but 235B-A22B and Coder-480B-A35B
-        return count_params(cfg)
-    one, two = (count_params(Qwen3Config.from_preset(name, num_hidden_layers=n)) for n in (1, 2))
+        return config_param_counts(cfg)
+    one, two = (config_param_counts(Qwen3Config.from_preset(name, num_hidden_layers=n)) for n in (1, 2))
     return {k: one[k] + (cfg.num_hidden_layers - 1) * (two[k] - one[k]) for k in one}
 
 
@@ -121,12 +121,12 @@ def test_counts_equal_transformers_on_meta(name):
     moe = cfg.model_type == "qwen3_moe"
     with torch.device("meta"):
         hf = (Qwen3MoeForCausalLM if moe else Qwen3ForCausalLM)((Qwen3MoeConfig if moe else HFConfig)(**cfg.to_hf()))
-    assert count_params(cfg)["total"] == sum(p.numel() for p in hf.parameters())
+    assert config_param_counts(cfg)["total"] == sum(p.numel() for p in hf.parameters())
 
 
 def test_untying_adds_exactly_the_lm_head():
-    tied = count_params(Qwen3Config.from_preset("0.6B"))
-    untied = count_params(Qwen3Config.from_preset("0.6B", tie_word_embeddings=False))
+    tied = config_param_counts(Qwen3Config.from_preset("0.6B"))
+    untied = config_param_counts(Qwen3Config.from_preset("0.6B", tie_word_embeddings=False))
     assert untied["total"] - tied["total"] == 151_936 * 1024 == untied["lm_head"]
 
 
@@ -236,3 +236,23 @@ def test_moe_layer_rule():
                       decoder_sparse_step=2, mlp_only_layers=[5])
     assert [i for i in range(8) if cfg.is_moe_layer(i)] == [1, 3, 7]
     assert not any(Qwen3Config().is_moe_layer(i) for i in range(28))
+
+
+# ---------------------------------------------------------------- hardening: JSON values of the wrong kind
+@pytest.mark.parametrize("key", ["tie_word_embeddings", "norm_topk_prob"])
+@pytest.mark.parametrize("value", ["false", "true", 0, 1, None])
+def test_boolean_fields_must_be_json_booleans(key, value):
+    """bool("false") is True: a string would silently tie (or renormalize) the wrong way."""
+    with pytest.raises(ValueError, match=rf"{key} must be true or false \(a JSON boolean\), got {value!r}"):
+        Qwen3Config(**{key: value})
+    raw = dict(Qwen3Config().to_hf(), **{key: value})
+    with pytest.raises(ValueError, match=rf"config dict: {key} must be true or false"):
+        Qwen3Config.from_hf(raw)
+
+
+@pytest.mark.parametrize("key", ["rope_scaling", "rope_parameters"])
+@pytest.mark.parametrize("value", [["linear", 2.0], "yarn", 4])
+def test_rope_scaling_must_be_an_object(key, value):
+    raw = dict(Qwen3Config().to_hf(), **{key: value})
+    with pytest.raises(ValueError, match=rf"config dict: {key} must be an object \(or null\), got "):
+        Qwen3Config.from_hf(raw)

@@ -4,10 +4,11 @@ chat session (history, thinking split)."""
 import pytest
 import torch
 
-from hf_ref import hf_to_scratch, tiny_hf_model
+from hf_ref import tiny_hf_model
 from qwen3_scratch.config import Qwen3Config
 from qwen3_scratch.generate import (RECOMMENDED_SAMPLING, ChatSession, StopTokens, filter_top_k, filter_top_p,
                                     generate, print_stream, sample_next, stream_generate)
+from qwen3_scratch.hf_port import from_transformers, state_dict_from_hf
 from qwen3_scratch.model import Qwen3Model
 from qwen3_scratch.tokenizer import Qwen3Tokenizer
 
@@ -15,8 +16,7 @@ from qwen3_scratch.tokenizer import Qwen3Tokenizer
 @pytest.fixture(scope="module", params=["dense", "moe"])
 def pair(request):
     hf = tiny_hf_model(moe=request.param == "moe")
-    ours = Qwen3Model(Qwen3Config.from_hf(hf.config.to_dict())).eval()
-    ours.load_state_dict(hf_to_scratch(hf.state_dict()), strict=True)
+    ours = from_transformers(hf)  # strict: every name matches
     return hf, ours
 
 
@@ -284,3 +284,68 @@ def test_print_stream_marks_thinking():
     out = io.StringIO()
     shown = print_stream([("thinking", "hmm"), ("answer", "Hi"), ("answer", "!")], file=out)
     assert out.getvalue() == "<think>\nhmm\n</think>\n\nHi!\n" and shown == {"thinking": "hmm", "answer": "Hi!"}
+
+
+# ---------------------------------------------------------------- hardening: clear errors, and caches that fit
+def test_token_ids_outside_the_vocabulary_are_named(pair):
+    _, ours = pair  # vocab_size = 256
+    bad = ids(2, 5)
+    bad[1, 3] = 256
+    with pytest.raises(ValueError, match=r"input_ids\[1, 3\] = 256 is not a token id of this model "
+                                         r"\(vocab_size=256: ids 0\.\.255\)"):
+        generate(ours, bad, 2)
+    bad[1, 3] = -1
+    with pytest.raises(ValueError, match=r"input_ids\[1, 3\] = -1"):
+        stream_generate(ours, bad, 2)
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), "0.7"])
+def test_temperature_must_be_a_finite_number(pair, temperature):
+    _, ours = pair
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+        generate(ours, ids(1, 3), 2, temperature=temperature)
+
+
+@pytest.mark.parametrize("mask", [[[0.5, 1.0, 1.0]], [[2, 1, 1]], [[-1, 1, 1]]])
+def test_attention_mask_values_must_be_0_or_1(pair, mask):
+    _, ours = pair
+    with pytest.raises(ValueError, match=r"attention_mask must hold only 0 \(padding\) and 1 \(tokens\)"):
+        generate(ours, ids(1, 3), 2, attention_mask=torch.tensor(mask))
+
+
+def test_eos_ids_as_tensors_and_numpy_integers(pair):
+    np = pytest.importorskip("numpy")
+    _, ours = pair
+    prompt = ids(2, 4)
+    stop = int(generate(ours, prompt, 3)[0, -1])  # row 0's third new token
+    expected = generate(ours, prompt, 8, eos_token_id=[stop])
+    for eos in (torch.tensor(stop), torch.tensor([stop]), np.int64(stop), np.array([stop]), [np.int32(stop)]):
+        assert torch.equal(generate(ours, prompt, 8, eos_token_id=eos), expected), repr(eos)
+    with pytest.raises(ValueError, match="eos_token_id"):
+        generate(ours, prompt, 2, eos_token_id=torch.tensor([1.5]))
+
+
+def test_the_plain_cache_grows_in_blocks_and_is_freed(pair, monkeypatch):
+    """A reply that stops after one token must not have allocated the cache for max_new_tokens."""
+    import gc
+    import importlib
+    import weakref
+    gen_mod = importlib.import_module("qwen3_scratch.generate")  # the module, not the function of that name
+    from qwen3_scratch.kv_cache import KVCache
+    hf, _ = pair
+    cfg = Qwen3Config.from_hf(dict(hf.config.to_dict(), max_position_embeddings=100_000))
+    model = Qwen3Model(cfg).eval()
+    model.load_state_dict(state_dict_from_hf(hf.state_dict()), strict=True)
+    made, real = [], KVCache.for_model.__func__
+    monkeypatch.setattr(KVCache, "for_model", classmethod(lambda cls, *a, **k: made.append(real(cls, *a, **k))
+                                                          or made[-1]))
+    prompt = ids(1, 5)
+    first = int(generate(model, prompt, 1)[0, -1])
+    out = generate(model, prompt, 90_000, eos_token_id=first)
+    assert out.shape == (1, 6)
+    assert made[-1].k.shape[3] <= gen_mod.KV_BLOCK and made[-1].max_len == 90_005, "allocated a block, not 90,005"
+    ref = weakref.ref(made.pop())
+    gc.collect()
+    assert ref() is None, "the cache is freed once generation is over"
+    monkeypatch.setattr(gen_mod, "KV_BLOCK", 3)  # grow several times: the same tokens as without a cache
+    assert torch.equal(generate(model, ids(2, 4), 12), generate(model, ids(2, 4), 12, use_cache=False))

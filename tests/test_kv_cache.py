@@ -3,8 +3,9 @@ positions, and clear errors on overflow and misuse."""
 import pytest
 import torch
 
-from hf_ref import hf_to_scratch, tiny_hf_model
+from hf_ref import tiny_hf_model
 from qwen3_scratch.config import Qwen3Config
+from qwen3_scratch.hf_port import from_transformers
 from qwen3_scratch.kv_cache import KVCache
 from qwen3_scratch.model import Qwen3Model
 
@@ -12,9 +13,7 @@ from qwen3_scratch.model import Qwen3Model
 @pytest.fixture(scope="module", params=["dense", "moe"])
 def model(request):
     hf = tiny_hf_model(moe=request.param == "moe")
-    ours = Qwen3Model(Qwen3Config.from_hf(hf.config.to_dict())).eval()
-    ours.load_state_dict(hf_to_scratch(hf.state_dict()), strict=True)
-    return ours
+    return from_transformers(hf)  # strict: every name matches
 
 
 def ids(B, T, seed=0):
@@ -128,3 +127,43 @@ def test_bad_arguments_are_named():
         cache.update(0, torch.zeros(1, 2, 1, 4), torch.zeros(1, 2, 1, 4))  # wrong batch
     with pytest.raises(ValueError, match="got"):
         cache.update(0, torch.zeros(2, 2, 1, 4), torch.zeros(2, 2, 2, 4))  # k and v disagree
+
+
+def test_a_cache_of_the_wrong_shape_is_refused_at_the_first_layer():
+    """Shapes are checked once per forward pass (layer 0), before anything is written."""
+    cfg = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8)
+    model = Qwen3Model(cfg).eval()
+    cache = KVCache.for_model(model, batch_size=2, max_len=8)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"\(B=2, K=2, T, Dh=8\), got \(1, 2, 3, 8\)"):
+        model(torch.zeros(1, 3, dtype=torch.long), kv_cache=cache)
+    assert cache.pos == 0 and not cache.k.any(), "nothing written"
+
+
+def test_a_cache_grown_in_blocks_equals_a_preallocated_one(model):
+    prompt = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(1))
+    whole = KVCache.for_model(model, 2, 12)
+    grown = KVCache.for_model(model, 2, 12, block_size=3)
+    assert grown.k.shape[3] == 3 and grown.nbytes() == whole.nbytes() * 3 // 12, "one block to start with"
+    seq = torch.cat([prompt, torch.randint(0, 64, (2, 7))], dim=1)
+    with torch.no_grad():
+        a, b = model(prompt, kv_cache=whole), model(prompt, kv_cache=grown)
+        for t in range(5, 12):
+            a, b = model(seq[:, t:t + 1], kv_cache=whole), model(seq[:, t:t + 1], kv_cache=grown)
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    assert grown.k.shape == whole.k.shape, "grown up to max_len, never past it"
+    torch.testing.assert_close(grown.k, whole.k, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="max_len=12"):
+        grown.update(0, torch.zeros(2, 2, 1, 16), torch.zeros(2, 2, 1, 16))
+
+
+def test_for_model_is_bounded_by_the_context_window():
+    from qwen3_scratch.kv_cache import check_cache_length
+    cfg = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, max_position_embeddings=100)
+    model = Qwen3Model(cfg)
+    with pytest.raises(ValueError, match=r"max_len=101 is longer than the context window, max_position_embeddings=100"):
+        KVCache.for_model(model, 1, 101)
+    with pytest.raises(ValueError, match=r"max_len=10000000 is longer than .* max_position_embeddings=100"):
+        check_cache_length(model, 10**7)
+    assert KVCache.for_model(model, 1, 100).max_len == 100

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from qwen3_scratch.mlp import SwiGLU
-from qwen3_scratch.utils import count_parameters
+from qwen3_scratch.utils import count_module_params
 
 
 @pytest.mark.parametrize("shape", [(7, 32), (2, 5, 32), (1, 1, 32)])
@@ -44,7 +44,7 @@ def test_matches_transformers(seed):
 
 def test_parameter_count_and_no_biases():
     mlp = SwiGLU(24, 72)
-    assert count_parameters(mlp) == 3 * 24 * 72
+    assert count_module_params(mlp) == 3 * 24 * 72
     assert [n for n, _ in mlp.named_parameters()] == ["gate_proj.weight", "up_proj.weight", "down_proj.weight"]
     assert all(m.bias is None for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
     assert mlp.gate_proj.weight.shape == (72, 24) and mlp.down_proj.weight.shape == (24, 72)
@@ -53,5 +53,5 @@ def test_parameter_count_and_no_biases():
 def test_qwen3_0_6b_feed_forward_size():
     with torch.device("meta"):  # shapes only
         mlp = SwiGLU(1024, 3072)
-    assert count_parameters(mlp) == 9_437_184
-    assert 28 * count_parameters(mlp) == 264_241_152
+    assert count_module_params(mlp) == 9_437_184
+    assert 28 * count_module_params(mlp) == 264_241_152

@@ -4,19 +4,18 @@ import dataclasses
 import pytest
 import torch
 
-from hf_ref import hf_to_scratch, tiny_hf_model, tiny_kwargs
+from hf_ref import tiny_hf_model, tiny_kwargs
 from qwen3_scratch.config import Qwen3Config
+from qwen3_scratch.hf_port import from_transformers, state_dict_from_hf
 from qwen3_scratch.kv_cache import KVCache
-from qwen3_scratch.model import Qwen3Block, Qwen3Model, build_mask, count_params
+from qwen3_scratch.model import Qwen3Block, Qwen3Model, build_mask, config_param_counts
 from qwen3_scratch.moe import Qwen3MoE
 from qwen3_scratch.rope import RotaryEmbedding, rope_inv_freq
 
 
 def ported(hf) -> Qwen3Model:
     """Our model holding the reference's weights; strict loading proves the parameter names match."""
-    ours = Qwen3Model(Qwen3Config.from_hf(hf.config.to_dict())).eval()
-    ours.load_state_dict(hf_to_scratch(hf.state_dict()), strict=True)
-    return ours
+    return from_transformers(hf)
 
 
 def tiny_config(**over) -> Qwen3Config:
@@ -67,7 +66,7 @@ def test_moe_placement_rule_equals_transformers(over):
 
 def test_parameter_names_are_the_checkpoint_names_minus_model_prefix(pair):
     name, hf, ours = pair
-    assert set(ours.state_dict()) == set(hf_to_scratch(hf.state_dict())), name
+    assert set(ours.state_dict()) == set(state_dict_from_hf(hf.state_dict())), name
     if name == "dense_tied":  # no fused experts: the names map one to one
         assert {k.removeprefix("model.") for k in hf.state_dict()} == set(ours.state_dict())
 
@@ -75,10 +74,10 @@ def test_parameter_names_are_the_checkpoint_names_minus_model_prefix(pair):
 def test_weight_tying():
     tied = Qwen3Model(tiny_config(tie_word_embeddings=True))
     assert tied.lm_head.weight is tied.embed_tokens.weight
-    assert sum(p.numel() for p in tied.parameters()) == count_params(tied.config)["total"]
+    assert sum(p.numel() for p in tied.parameters()) == config_param_counts(tied.config)["total"]
     untied = Qwen3Model(tiny_config(tie_word_embeddings=False))
     assert untied.lm_head.weight is not untied.embed_tokens.weight
-    assert count_params(untied.config)["total"] - count_params(tied.config)["total"] == 256 * 64
+    assert config_param_counts(untied.config)["total"] - config_param_counts(tied.config)["total"] == 256 * 64
     model = ported(tiny_hf_model(moe=False))
     assert model.lm_head.weight is model.embed_tokens.weight, "loading a tied checkpoint keeps one Parameter"
 
@@ -103,7 +102,7 @@ def test_block_matches_transformers_decoder_layer():
         cfg = Qwen3Config.from_hf(hf.config.to_dict())
         block = Qwen3Block(cfg, layer_idx).eval()
         prefix = f"layers.{layer_idx}."
-        block.load_state_dict({k[len(prefix):]: v for k, v in hf_to_scratch(hf.state_dict()).items()
+        block.load_state_dict({k[len(prefix):]: v for k, v in state_dict_from_hf(hf.state_dict()).items()
                                if k.startswith(prefix)}, strict=True)
         B, T = 2, 6
         x = torch.randn(B, T, cfg.hidden_size, generator=torch.Generator().manual_seed(2))
@@ -186,12 +185,12 @@ def test_meta_build_keeps_real_rope_frequencies():
     assert torch.equal(model.rotary.inv_freq, rope_inv_freq(cfg.head_dim, cfg.rope_theta))
 
 
-def test_count_params_active_by_hand():
+def test_config_param_counts_active_by_hand():
     cfg = Qwen3Config(**tiny_kwargs(moe=True))  # 3 layers, layer 1 dense; E=8, A=2, I_moe=32, untied
-    c = count_params(cfg)
+    c = config_param_counts(cfg)
     model = Qwen3Model(cfg)
     assert c["total"] == sum(p.numel() for p in model.parameters())
     per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
     assert c["total"] - c["active"] == 2 * (8 - 2) * per_expert, "two MoE layers, six idle experts each"
     assert c["embedding"] == c["lm_head"] == 256 * 64
-    assert count_params(dataclasses.replace(cfg, rope_theta=5e6)) == c, "RoPE base changes no shape"
+    assert config_param_counts(dataclasses.replace(cfg, rope_theta=5e6)) == c, "RoPE base changes no shape"

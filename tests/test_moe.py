@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from hf_ref import hf_to_scratch
+from qwen3_scratch.hf_port import state_dict_from_hf
 from qwen3_scratch.moe import Qwen3MoE, load_balancing_loss
 
 D, I, E, A = 48, 32, 8, 2
@@ -66,7 +66,7 @@ def test_sparse_equals_dense_top1_and_all_experts():
 def test_matches_transformers_block(norm):
     hf = hf_block(norm)
     moe = make_moe(norm)
-    moe.load_state_dict(hf_to_scratch(hf.state_dict()), strict=True)
+    moe.load_state_dict(state_dict_from_hf(hf.state_dict()), strict=True)
     x = torch.randn(2, 11, D)
     with torch.no_grad():
         ours, ref = moe(x), hf(x)
@@ -82,8 +82,8 @@ def test_matches_transformers_block(norm):
 def test_norm_topk_prob_changes_output():
     hf = hf_block(True)
     on, off = make_moe(True), make_moe(False)
-    on.load_state_dict(hf_to_scratch(hf.state_dict()))
-    off.load_state_dict(hf_to_scratch(hf.state_dict()))
+    on.load_state_dict(state_dict_from_hf(hf.state_dict()))
+    off.load_state_dict(state_dict_from_hf(hf.state_dict()))
     x = torch.randn(1, 8, D)
     with torch.no_grad():
         assert not torch.allclose(on(x), off(x), atol=1e-4), "norm_topk_prob must matter"

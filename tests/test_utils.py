@@ -11,8 +11,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import qwen3_scratch  # noqa: E402
-from qwen3_scratch.utils import (count_parameters, default_device, device_name, env_report, figures_dir,  # noqa: E402
-                                 print_env, save_figure)
+from qwen3_scratch.utils import (DTYPE_CHOICES, count_module_params, default_device, device_name,  # noqa: E402
+                                 env_report, figures_dir, package_dir, parse_dtype, print_env, save_figure)
 
 
 @pytest.fixture
@@ -29,6 +29,25 @@ def test_figures_dir_is_the_repo_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # from any working directory, a checkout's figures/ is found
     expected = repo_figures if repo_figures.is_dir() else tmp_path / "figures"
     assert figures_dir() == expected
+
+
+def test_package_dir_holds_the_package_and_its_data():
+    assert package_dir() == Path(qwen3_scratch.__file__).parent
+    assert (package_dir() / "data" / "tokenizer.json").is_file(), "the bundled tokenizer lives in package_dir()/data"
+
+
+@pytest.mark.parametrize("given, want", [("bf16", torch.bfloat16), ("bfloat16", torch.bfloat16),
+                                         ("torch.float16", torch.float16), ("FP32", torch.float32),
+                                         (torch.float64, torch.float64), ("half", torch.float16)])
+def test_parse_dtype(given, want):
+    assert parse_dtype(given) is want
+
+
+@pytest.mark.parametrize("bad", ["int8", "bf15", torch.int64, None, 3])
+def test_parse_dtype_refuses_non_floats_naming_the_culprit(bad):
+    with pytest.raises(ValueError, match=rf"^--dtype={bad!r} is not a floating-point dtype".replace("(", r"\(")):
+        parse_dtype(bad, what="--dtype")
+    assert [parse_dtype(c) for c in DTYPE_CHOICES] == [torch.bfloat16, torch.float16, torch.float32]
 
 
 def test_save_figure_writes_a_reproducible_png(fig, tmp_path):
@@ -94,26 +113,26 @@ class TinyLM(nn.Module):
             self.head.weight = self.embed.weight
 
 
-def test_count_parameters_tied_and_untied():
+def test_count_module_params_tied_and_untied():
     norm = 4 + 4
-    assert count_parameters(TinyLM(tie=True)) == 40 + norm
-    assert count_parameters(TinyLM(tie=True), unique=False) == 80 + norm
-    assert count_parameters(TinyLM(tie=False)) == count_parameters(TinyLM(tie=False), unique=False) == 80 + norm
-    assert count_parameters(nn.Linear(3, 5)) == 20
+    assert count_module_params(TinyLM(tie=True)) == 40 + norm
+    assert count_module_params(TinyLM(tie=True), unique=False) == 80 + norm
+    assert count_module_params(TinyLM(tie=False)) == count_module_params(TinyLM(tie=False), unique=False) == 80 + norm
+    assert count_module_params(nn.Linear(3, 5)) == 20
 
 
-def test_count_parameters_shared_storage():
+def test_count_module_params_shared_storage():
     # two distinct Parameter objects over the same memory (what a loader that ties by copying views makes)
     model = TinyLM(tie=False)
     model.head.weight = nn.Parameter(model.embed.weight.data)
     assert model.head.weight is not model.embed.weight
-    assert count_parameters(model) == 40 + 8 and count_parameters(model, unique=False) == 80 + 8
+    assert count_module_params(model) == 40 + 8 and count_module_params(model, unique=False) == 80 + 8
 
 
-def test_count_parameters_meta_device():
+def test_count_module_params_meta_device():
     with torch.device("meta"):
         model = TinyLM(vocab=1000, dim=64, tie=False)
-    assert count_parameters(model) == 2 * 1000 * 64 + 2 * 64
+    assert count_module_params(model) == 2 * 1000 * 64 + 2 * 64
 
 
 def test_device_name_counts_threads_in_good_english(monkeypatch):

@@ -3,11 +3,10 @@ import matplotlib
 import pytest
 import torch
 
-from hf_ref import hf_to_scratch, tiny_hf_model
-from qwen3_scratch.config import Qwen3Config
-from qwen3_scratch.model import Qwen3Model
+from hf_ref import tiny_hf_model
+from qwen3_scratch.hf_port import from_transformers
 from qwen3_scratch.viz import (attention_entropy, attention_explorer, capture_attention, group_contrast,
-                               head_similarity, recording, sink_share, uniform_sink_share)
+                               head_similarity, recording, sink_share, uniform_sink_share, widgets_available)
 
 matplotlib.use("Agg")
 
@@ -15,8 +14,7 @@ matplotlib.use("Agg")
 @pytest.fixture(scope="module")
 def pair():
     hf = tiny_hf_model()
-    ours = Qwen3Model(Qwen3Config.from_hf(hf.config.to_dict())).eval()
-    ours.load_state_dict(hf_to_scratch(hf.state_dict()))
+    ours = from_transformers(hf)
     return hf, ours
 
 
@@ -39,11 +37,11 @@ def test_capture_is_switched_off_and_does_not_change_logits(pair):
         before = ours(ids)
     maps = capture_attention(ours, ids, layers=[1])
     assert list(maps) == [1]
-    assert all(not l.self_attn.record_weights and l.self_attn.last_weights is None for l in ours.layers)
+    assert all(not l.self_attn.record_probs and l.self_attn.last_probs is None for l in ours.layers)
     with pytest.raises(RuntimeError):
         with recording(ours, [0]):
             raise RuntimeError("boom")
-    assert not ours.layers[0].self_attn.record_weights, "an exception must not leave recording on"
+    assert not ours.layers[0].self_attn.record_probs, "an exception must not leave recording on"
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), before, atol=1e-5, rtol=0)
 
@@ -102,6 +100,30 @@ def test_explorer_falls_back_to_static_plot(pair, monkeypatch):
     _, ours = pair
     small_vocab = type("Tok", (), {"encode": staticmethod(lambda s: [ord(c) % 256 for c in s]),
                                    "decode": staticmethod(lambda ids: "".join(chr(i) for i in ids))})
-    monkeypatch.setenv("CI", "true")
+    monkeypatch.delenv("JPY_SESSION_NAME", raising=False)  # no Jupyter server started us (as under nbval)
+    assert not widgets_available()
     fig = attention_explorer(ours, small_vocab, "hello world")
     assert len(fig.axes) == 4  # one panel per head of the middle layer
+
+
+def test_explorer_widgets_redraw_without_printing_the_tensor(pair):
+    _, ours = pair
+    small_vocab = type("Tok", (), {"encode": staticmethod(lambda s: [ord(c) % 256 for c in s]),
+                                   "decode": staticmethod(lambda ids: "".join(chr(i) for i in ids))})
+    explorer = attention_explorer(ours, small_vocab, "hello world", interactive=True)
+    text, layer, head = explorer.widget.children[:3]
+    assert text.value == "hello world" and text.layout.width, "the prompt box shows the whole default prompt"
+    layer.value = 1  # moving a slider re-runs the callback
+    assert explorer.widget.result is None, "a returned value would be printed under the heatmap on every update"
+
+
+def test_load_real_or_tiny_uses_a_cached_copy_on_any_device(tmp_path, monkeypatch):
+    """Real weights need only a local copy (chapter 8's cached_checkpoint), not a GPU."""
+    from qwen3_scratch import viz
+    from qwen3_scratch.weights import save_pretrained
+    folder = save_pretrained(from_transformers(tiny_hf_model()), tmp_path / "ckpt")
+    monkeypatch.setattr(viz, "cached_checkpoint", lambda repo: folder if repo == "Org/Tiny" else None)
+    model, what = viz.load_real_or_tiny("Org/Tiny", device="cpu")
+    assert what == "Org/Tiny (float32)" and model.config.num_hidden_layers == 3 and not model.training
+    model, what = viz.load_real_or_tiny("Org/Missing", device="cpu")
+    assert what.startswith("random tiny Qwen3") and model.config.num_hidden_layers == 6
