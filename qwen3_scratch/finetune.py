@@ -322,10 +322,10 @@ def finetune_memory(cfg, lora: LoRAConfig | None = None, batch_size: int = 1, se
     gradients, optimizer moments, activations kept for backward (SDPA, no checkpointing) and logits.
     Full: fp32 weights, gradients and moments (16 bytes/parameter). LoRA: a frozen base of base_bytes/parameter,
     16 bytes per adapter parameter. A lower bound: allocator slack and the CUDA context come on top."""
-    from qwen3_scratch.model import count_params
+    from qwen3_scratch.model import config_param_counts
     D, I, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
     q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    params = count_params(cfg)["total"]
+    params = config_param_counts(cfg)["total"]
     shapes = {"q_proj": (D, q), "k_proj": (D, kv), "v_proj": (D, kv), "o_proj": (q, D), "gate_proj": (D, I),
               "up_proj": (D, I), "down_proj": (I, D)}  # (in, out) of each linear layer of a block
     if lora is None:

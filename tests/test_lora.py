@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from hf_ref import hf_to_scratch, tiny_hf_model, tiny_kwargs
-from qwen3_scratch import Qwen3Config, Qwen3Model, save_pretrained
+from hf_ref import tiny_hf_model
+from qwen3_scratch import Qwen3Model, save_pretrained
+from qwen3_scratch.hf_port import from_transformers
 from qwen3_scratch.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRAConfig, LoRALinear, adapter_key, apply_lora,
                                 load_adapter, merge_lora, save_adapter, trainable_parameters, unmerge_lora)
 from qwen3_scratch.weights import CheckpointError
@@ -19,9 +20,7 @@ peft = pytest.importorskip("peft")
 def tiny_pair(seed=0):
     """A random transformers Qwen3 (fp32, eager) and our model with the same weights."""
     hf = tiny_hf_model(seed=seed, std=0.3)  # logits of a few units, as a trained model's
-    ours = Qwen3Model(Qwen3Config(**tiny_kwargs(), bos_token_id=None, eos_token_id=None)).eval()
-    ours.load_state_dict(hf_to_scratch(hf.state_dict()), strict=False)  # rotary's inv_freq is computed, not stored
-    return hf, ours
+    return hf, from_transformers(hf)
 
 
 def randomize_b(model, seed=1, std=0.1):
