@@ -99,5 +99,12 @@ class Qwen3Attention(nn.Module):
             if mask is None and 1 < T < S:  # SDPA's is_causal aligns the triangle top-left: give it ours
                 mask = causal_mask(T, S, x.device)
             is_causal = mask is None and T > 1  # T == 1: the single new query may see every key
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
+            if mask is not None and T == 1 and self.num_kv_heads < self.num_heads:
+                # a masked decode step: with a mask, enable_gqa falls back to SDPA's slow math kernel on CUDA, so
+                # fold the G query heads of each kv head into G query rows instead (a view; chapter 11 checks it)
+                G = self.num_heads // self.num_kv_heads
+                qg = q.reshape(B, self.num_kv_heads, G, self.head_dim)  # (B, K, G, Dh)
+                out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask).view(B, self.num_heads, 1, -1)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, H*Dh) -> (B, T, D)

@@ -6,7 +6,7 @@ started at one block and grown by whole blocks (at least doubling) up to max_len
 Legend: L layers, B batch, K kv heads, T new tokens, S = pos + T cached tokens, Dh head_dim.
 Chapter 09 owns it. Reference: the static caches of gpt-fast and of transformers (StaticCache)."""
 
-__all__ = ['check_cache_length', 'KVCache']
+__all__ = ['check_cache_length', 'KVCache', 'kv_bytes_per_token', 'kv_cache_bytes']
 
 
 # %% notebooks/09_generation.ipynb
@@ -100,3 +100,16 @@ class KVCache:
         held = f" (slots allocated: {slots})" if slots < self.max_len else ""
         return (f"KVCache(layers={L}, batch={B}, kv_heads={K}, head_dim={Dh}, filled={self.pos}/{self.max_len}{held}, "
                 f"{self.k.dtype}, {self.nbytes() / 2**20:.2f} MiB)")
+
+
+# %% notebooks/09_generation.ipynb
+def kv_bytes_per_token(cfg, dtype=torch.bfloat16) -> int:
+    """Bytes one token adds to the cache of a model with config cfg: keys and values (2) for every layer, KV head
+    and head dimension. The query heads do not appear: that is what GQA and MQA save."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * elem
+
+
+def kv_cache_bytes(cfg, context: int, batch_size: int = 1, dtype=torch.bfloat16) -> int:
+    """Bytes of a cache holding `context` tokens for each of `batch_size` rows."""
+    return batch_size * context * kv_bytes_per_token(cfg, dtype)

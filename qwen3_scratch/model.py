@@ -88,10 +88,13 @@ class Qwen3Model(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight  # one Parameter, used twice
 
-    def forward(self, input_ids, position_ids=None, attention_mask=None, kv_cache=None, last_only=False):
+    def forward(self, input_ids, position_ids=None, attention_mask=None, kv_cache=None, last_only=False,
+                mask=None):
         """input_ids (B, T) -> logits (B, T, V), or (B, 1, V) with last_only (all that generation needs).
         position_ids (B, T): default past .. past+T-1, or, with attention_mask, counted over real tokens only.
-        attention_mask (B, past + T): 1 = real token, 0 = left padding. kv_cache: a KVCache (chapter 9)."""
+        attention_mask (B, past + T): 1 = real token, 0 = left padding. kv_cache: a KVCache (chapter 9).
+        mask: a ready bool mask (B|1, 1, T, S), True = may attend, used instead of the one built here (chapter 11's
+        fixed-shape cache brings its own, since its S keys include slots not written yet)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
@@ -103,7 +106,8 @@ class Qwen3Model(nn.Module):
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         x = self.embed_tokens(input_ids)  # (B, T, D)
         cos, sin = self.rotary(position_ids, dtype=x.dtype)  # (B, T, Dh) each, shared by every layer
-        mask = build_mask(T, past, attention_mask, input_ids.device)  # (B|1, 1, T, S) or None
+        if mask is None:
+            mask = build_mask(T, past, attention_mask, input_ids.device)  # (B|1, 1, T, S) or None
         for layer in self.layers:
             x = layer(x, cos, sin, mask, kv_cache)  # (B, T, D)
         if kv_cache is not None:

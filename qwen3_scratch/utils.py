@@ -4,7 +4,7 @@
 device to use, dtype names, what this machine supports, and how many parameters a module really has (tied
 weights counted once)."""
 
-__all__ = ['package_dir', 'figures_dir', 'quick_run', 'save_figure', 'default_device', 'device_name', 'DTYPE_CHOICES', 'parse_dtype', 'env_report', 'print_env', 'count_module_params']
+__all__ = ['package_dir', 'figures_dir', 'quick_run', 'save_figure', 'default_device', 'device_name', 'DTYPE_CHOICES', 'parse_dtype', 'env_report', 'print_env', 'default_threads', 'count_module_params']
 
 
 # %% notebooks/00_setup.ipynb
@@ -135,6 +135,18 @@ def print_env(device: torch.device | str | None = None) -> None:
         if isinstance(value, dict):
             value = ", ".join(f"{k} {'yes' if ok else 'no'}" for k, ok in value.items())
         print(f"{key:<{width}}  {value}")
+
+
+# %% notebooks/00_setup.ipynb
+def default_threads() -> int:
+    """CPU threads for torch in the notebooks, the CLI and the benchmark: `QWEN3_SCRATCH_THREADS` if set, else 1
+    (measured in chapter 11: batch-1 decode is a chain of small operations that extra threads slow down)."""
+    value = os.environ.get("QWEN3_SCRATCH_THREADS", "").strip()
+    if not value:
+        return 1
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"QWEN3_SCRATCH_THREADS must be a positive integer, got {value!r}")
+    return int(value)
 
 
 # %% notebooks/00_setup.ipynb

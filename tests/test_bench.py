@@ -9,8 +9,9 @@ import torch
 
 from hf_ref import tiny_kwargs
 from qwen3_scratch.bench import (CSV_FIELDS, attention_variants, bench_config, cache_vs_nocache, decode_latency,
-                                 kv_bytes_per_token, kv_cache_bytes, main, measure_kv_cache_bytes, random_model,
-                                 roofline_seconds, to_transformers, weight_bytes_per_token)
+                                 main, measure_kv_cache_bytes, measure_read_bandwidth, random_model,
+                                 roofline_bandwidth, roofline_seconds, spread, to_transformers, weight_bytes_per_token)
+from qwen3_scratch.kv_cache import kv_bytes_per_token, kv_cache_bytes
 from qwen3_scratch.config import Qwen3Config
 
 
@@ -73,8 +74,6 @@ def test_to_transformers_gives_the_same_logits():
     ids = torch.randint(0, 256, (2, 11))
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, model(ids), rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="dense"):
-        to_transformers(random_model(Qwen3Config(**tiny_kwargs(moe=True))))
 
 
 def test_decode_latency_and_cache_vs_nocache_shapes():
@@ -100,7 +99,8 @@ def test_main_writes_json_csv_and_figures(tmp_path):
     kinds = {(r["experiment"], r["metric"]) for r in rows}
     for needed in [("kv_bytes", "bytes_per_token"), ("kv_bytes", "measured"), ("decode_latency", "seconds_per_token"),
                    ("decode_latency", "roofline_fraction"), ("cache_vs_nocache", "speedup"),
-                   ("bandwidth", "copy_bandwidth"), ("fast_path", "tokens_per_second"),
+                   ("bandwidth", "read_bandwidth"), ("bandwidth", "roofline_bandwidth"),
+                   ("fast_path", "tokens_per_second"),
                    ("fast_path", "speedup_vs_plain"), ("fast_path", "speedup_vs_best_transformers")]:
         assert needed in kinds, f"no {needed} row"
     measured = {(r["variant"], r["context"]): r["value"] for r in rows if r["metric"] == "measured"}
@@ -111,6 +111,9 @@ def test_main_writes_json_csv_and_figures(tmp_path):
     assert per_token == {"MHA": 229_376, "GQA": 114_688, "MQA": 14_336}
     same = [r["value"] for r in rows if r["metric"] == "same_tokens_as_plain"]
     assert same and all(v == 1 for v in same), "every generate path should give plain greedy's tokens (fp32)"
+    timed = [r for r in rows if r["metric"] in ("tokens_per_second", "seconds_per_token") and r["variant"] != "roofline"]
+    assert timed and all(r["min"] <= r["q1"] <= r["value"] <= r["q3"] <= r["max"] for r in timed), \
+        "every timing must come with its spread around the median"
     with (tmp_path / "bench_cpu.csv").open() as f:
         table = list(csv.DictReader(f))
     assert list(table[0]) == CSV_FIELDS and len(table) == len(rows)
@@ -131,3 +134,26 @@ def test_main_with_a_checkpoint_times_only_its_own_kv_heads(tmp_path):
     assert timed == {"GQA"}, "a checkpoint has one number of KV heads: only its own variant can be timed"
     same = [r["value"] for r in res["rows"] if r["metric"] == "same_tokens_as_plain"]
     assert same and all(v == 1 for v in same)
+
+
+def test_spread_and_roofline_bandwidth():
+    s = spread([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert s == dict(min=1.0, q1=2.0, median=3.0, q3=4.0, max=5.0)
+    assert spread([7.0]) == dict(min=7.0, q1=7.0, median=7.0, q3=7.0, max=7.0)
+    bws = {2**20: 30e9, 4 * 2**20: 20e9, 16 * 2**20: 10e9}
+    assert roofline_bandwidth(bws, 3 * 2**20) == 20e9, "the size nearest the working set (log scale)"
+    assert roofline_bandwidth(bws, 100 * 2**20) == 10e9
+    measured = measure_read_bandwidth("cpu", [2**16, 2**20], repeats=2)
+    assert list(measured) == [2**16, 2**20] and all(b > 1e8 for b in measured.values())
+
+
+def test_default_output_is_outside_the_repository(tmp_path, monkeypatch):
+    """`python -m qwen3_scratch.bench` with no --out / --figures writes into ./bench_out, not results/ or figures/."""
+    from qwen3_scratch.model import Qwen3Model
+    from qwen3_scratch.weights import save_pretrained
+    torch.manual_seed(0)
+    save_pretrained(Qwen3Model(Qwen3Config(**tiny_kwargs())), tmp_path / "ckpt")  # tiny: seconds, not minutes
+    monkeypatch.chdir(tmp_path)
+    main(["--quick", "--device", "cpu", "--compile", "off", "--no-hf", "--checkpoint", "ckpt"])
+    written = sorted(p.name for p in (tmp_path / "bench_out").iterdir())
+    assert "bench_cpu.json" in written and "11_fast_path.png" in written, written

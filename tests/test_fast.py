@@ -8,8 +8,7 @@ import torch
 
 from hf_ref import tiny_kwargs
 from qwen3_scratch.config import Qwen3Config
-from qwen3_scratch.fast import (StaticKVCache, decode_one_token, fast_generate, forward_static, prefill,
-                                setup_static_cache)
+from qwen3_scratch.fast import FixedShapeKVCache, cache_length, fast_generate, forward_step
 from qwen3_scratch.generate import generate
 from qwen3_scratch.kv_cache import KVCache
 from qwen3_scratch.model import Qwen3Model
@@ -33,43 +32,76 @@ def tiny_model(seed=0, std=0.3, moe=False, **over):
     return model
 
 
-def test_static_cache_writes_at_input_pos_and_returns_whole_buffer():
-    cache = StaticKVCache(num_layers=2, batch_size=2, max_len=8, num_kv_heads=3, head_dim=4)
+def test_fixed_shape_cache_writes_at_pos_and_returns_whole_buffer():
+    cache = FixedShapeKVCache(num_layers=2, batch_size=2, max_len=8, num_kv_heads=3, head_dim=4)
     k, v = torch.randn(2, 3, 3, 4), torch.randn(2, 3, 3, 4)  # (B, K, T, Dh)
-    cache.input_pos = torch.tensor([4, 5, 6])
+    cache.advance(4)
+    pos = cache.pos
     k_all, v_all = cache.update(1, k, v)
     assert k_all.shape == v_all.shape == (2, 3, 8, 4)
     assert torch.equal(k_all[:, :, 4:7], k) and torch.equal(v_all[:, :, 4:7], v)
     assert not k_all[:, :, :4].any() and not k_all[:, :, 7:].any(), "only slots 4..6 may be written"
     assert not cache.k[0].any(), "layer 0 must be untouched"
     assert k_all.data_ptr() == cache.k[1].data_ptr(), "update must write in place (fixed address for CUDA graphs)"
+    cache.advance(3)
+    assert cache.pos is pos and cache.pos.tolist() == [7], "advance moves pos on in place (same tensor)"
+    cache.reset()
+    assert cache.pos.tolist() == [0]
     assert cache.nbytes() == 2 * 2 * (2 * 3 * 8 * 4) * 4
 
 
-def test_static_cache_mask_is_causal_in_absolute_positions():
-    cache = StaticKVCache(1, 1, 7, 1, 2)
-    mask = cache.mask(torch.tensor([0, 1, 2]))  # prefill of 3 tokens
+def test_fixed_shape_cache_mask_is_causal_in_absolute_positions():
+    cache = FixedShapeKVCache(1, 1, 7, 1, 2)
+    mask = cache.mask(cache.positions(3))  # prefill of 3 tokens
     assert mask.shape == (1, 1, 3, 7) and mask.dtype == torch.bool
     expected = torch.arange(7)[None, :] <= torch.arange(3)[:, None]
     assert torch.equal(mask[0, 0], expected)
-    step = cache.mask(torch.tensor([4]))[0, 0, 0]  # decode at position 4: slots 0..4 visible
+    cache.advance(4)
+    step = cache.mask(cache.positions(1))[0, 0, 0]  # decode at position 4: slots 0..4 visible
     assert step.tolist() == [True] * 5 + [False] * 2
 
 
 def test_prefill_and_decode_logits_match_the_plain_forward():
     model = tiny_model()
     ids = torch.randint(0, 256, (2, 9))
-    setup_static_cache(model, 2, 32)
+    cache = FixedShapeKVCache.for_model(model, 2, 32)
     with torch.no_grad():
-        logits = prefill(model, ids[:, :8], torch.arange(8))  # (B, V)
+        logits = forward_step(model, cache, ids[:, :8])  # (B, V): the prefill
         full = model(ids)  # (B, T, V)
         torch.testing.assert_close(logits, full[:, 7], rtol=1e-5, atol=1e-5)
-        step = decode_one_token(model, ids[:, 8:9], torch.tensor([8]))
+        step = forward_step(model, cache, ids[:, 8:9])
         torch.testing.assert_close(step, full[:, 8], rtol=1e-5, atol=1e-5)
+        assert cache.pos.tolist() == [9], "the model's forward advances the cache"
         # the same step through chapter 9's cache
-        cache = KVCache.for_model(model, 2, 16)
-        model(ids[:, :8], kv_cache=cache)
-        torch.testing.assert_close(step, model(ids[:, 8:9], kv_cache=cache)[:, -1], rtol=1e-5, atol=1e-5)
+        plain = KVCache.for_model(model, 2, 16)
+        model(ids[:, :8], kv_cache=plain)
+        torch.testing.assert_close(step, model(ids[:, 8:9], kv_cache=plain)[:, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_masked_decode_step_folds_query_heads_instead_of_enable_gqa(monkeypatch):
+    """Chapter 4's attention: a single query with a mask goes to SDPA as (B, K, G, Dh), without enable_gqa (the
+    combination that falls back to the math kernel on CUDA), and gives the same logits."""
+    import torch.nn.functional as F
+    model = tiny_model()
+    calls, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        calls.append((tuple(q.shape), kw.get("enable_gqa", False), kw.get("attn_mask") is not None))
+        return sdpa(q, k, v, **kw)
+
+    ids = torch.randint(0, 256, (1, 6))
+    cache = FixedShapeKVCache.for_model(model, 1, 16)
+    with torch.no_grad():
+        forward_step(model, cache, ids[:, :5])
+        full = model(ids)[:, -1]  # (B, V)
+        monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+        step = forward_step(model, cache, ids[:, 5:])
+        monkeypatch.undo()
+        torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)
+    cfg = model.config
+    G = cfg.num_attention_heads // cfg.num_key_value_heads
+    assert G > 1, "weak test: tiny_kwargs should have fewer kv heads than query heads"
+    assert calls and all(c == ((1, cfg.num_key_value_heads, G, cfg.head_dim), False, True) for c in calls), calls
 
 
 @pytest.mark.parametrize("batch_size", [1, 2])
@@ -107,13 +139,43 @@ def test_moe_runs_the_eager_step_and_matches_plain():
     assert torch.equal(fast, generate(model, ids, 12))
 
 
-def test_static_cache_is_registered_once_and_reused():
+def test_cache_length_is_bounded_and_the_cache_is_freed(monkeypatch):
+    model = tiny_model()  # tiny_kwargs: max_position_embeddings = 256
+    assert cache_length(model, 20) == 256 and cache_length(model, 20, 64) == 64
+    for bad in (10**7, 19, 2.5e2, True):
+        with pytest.raises(ValueError, match="max_len"):
+            cache_length(model, 20, bad)
+    made = []
+    real = FixedShapeKVCache.for_model.__func__
+
+    def spy(cls, *a):
+        made.append(real(cls, *a))
+        return made[-1]
+
+    monkeypatch.setattr(FixedShapeKVCache, "for_model", classmethod(spy))
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        fast_generate(model, ids, 8, max_len=10**7)
+    assert not made, "nothing may be allocated before the checks"
+    fast_generate(model, ids, 8)
+    assert len(made) == 1 and made[0].max_len == 256
+    assert not hasattr(model, "static_cache"), "no cache is left on the model"
+    import weakref
+    ref = weakref.ref(made.pop())
+    assert ref() is None, "the cache must be freed when fast_generate returns"
+
+
+def test_bad_ids_and_temperatures_name_the_culprit():
     model = tiny_model()
-    first = setup_static_cache(model, 1, 64)
-    assert setup_static_cache(model, 1, 32) is first, "a long-enough cache of the same batch size is reused"
-    assert setup_static_cache(model, 2, 32) is not first, "a new batch size needs a new cache"
-    fast_generate(model, torch.zeros(2, 4, dtype=torch.long), 8)
-    assert model.static_cache.max_len % 256 == 0 or model.static_cache.max_len == 256
+    for bad in (256, 10**6, -1):
+        ids = torch.tensor([[1, 2, bad]])
+        with pytest.raises(ValueError, match=rf"input_ids\[0, 2\] = {bad} is not a token id .*vocab_size=256"):
+            fast_generate(model, ids, 4)
+    for t in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature"):
+            fast_generate(model, torch.ones(1, 3, dtype=torch.long), 4, temperature=t)
+    with pytest.raises(ValueError, match="stop_check_every"):
+        fast_generate(model, torch.ones(1, 3, dtype=torch.long), 4, stop_check_every=0)
 
 
 def test_bad_lengths_name_the_culprit():
@@ -132,6 +194,31 @@ def test_bad_lengths_name_the_culprit():
         fast_generate(model, ids[0], 4)
 
 
+@pytest.mark.parametrize("every", [1, 3, 16, 100])
+def test_stop_tokens_are_read_back_only_every_k_tokens(monkeypatch, every):
+    """GPU-ready: the host learns whether every row has stopped once per `every` tokens, not once per token,
+    and the tokens generated past the real end are cut off: the output equals plain generate's."""
+    model = tiny_model(3)
+    ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(3))
+    greedy = generate(model, ids, 12)
+    eos = [int(greedy[0, -5]), int(greedy[1, -3])]
+    plain = generate(model, ids, 40, eos_token_id=eos)
+    reads = []
+    real_bool = torch.Tensor.__bool__
+
+    def counting_bool(t):
+        reads.append(1)
+        return real_bool(t)
+
+    monkeypatch.setattr(torch.Tensor, "__bool__", counting_bool)
+    fast = fast_generate(model, ids, 40, eos_token_id=eos, stop_check_every=every)
+    monkeypatch.undo()
+    assert torch.equal(fast, plain), "trimming after a late check must give plain generate's tokens"
+    n = plain.shape[1] - ids.shape[1]
+    assert n < 40, "weak test: no early stop"
+    assert len(reads) <= -(-n // every) + 2, f"{len(reads)} reads back for {n} tokens, checking every {every}"
+
+
 def test_compiled_graph_capture_fullgraph_aot_eager():
     """Dynamo captures the decode step as one graph (fullgraph=True) and the in-place cache writes survive
     functionalization. aot_eager skips code generation, so this runs in seconds on any machine."""
@@ -140,6 +227,11 @@ def test_compiled_graph_capture_fullgraph_aot_eager():
     ids = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(1))
     out = fast_generate(model, ids, 20, compile=True, backend="aot_eager")
     assert torch.equal(out, generate(model, ids, 20))
+    from torch._dynamo.utils import counters
+    graphs = counters["stats"]["unique_graphs"]
+    again = fast_generate(model, ids, 12, compile=True, backend="aot_eager")  # a fresh cache of the same shape
+    assert torch.equal(again, out[:, :again.shape[1]])
+    assert counters["stats"]["unique_graphs"] == graphs, "a new call (new cache, same shapes) must not recompile"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor + CUDA graphs: a GPU test (on a CPU a cold "
