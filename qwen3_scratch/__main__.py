@@ -17,6 +17,7 @@ COMMANDS = {
     "serve": ("qwen3_scratch.server", True, "an OpenAI-compatible HTTP server with continuous batching (chapter 17)"),
     "serve-bench": ("qwen3_scratch.server", True, "chapter 17's throughput benchmark: sequential vs concurrent"),
     "quant": ("qwen3_scratch.quant", False, "the chapter 14 quantization benchmark: results/quant_cpu.json, figures"),
+    "finetune": ("qwen3_scratch.finetune", False, "fine-tune on chat data, LoRA or full (chapter 13)"),
 }
 
 
