@@ -15,13 +15,7 @@ from qwen3_scratch.server import TextStream
 from qwen3_scratch.tokenizer import Qwen3Tokenizer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices, and the server's threads share the cores: one torch thread is fastest (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -29,13 +29,7 @@ TEXTS = ["The capital of France is", "Once upon a time", "1, 2, 3,", "Hello", "T
          "def f(x):", "Qwen3 is", "The weather today"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices, and the server's threads share the cores: one torch thread is fastest (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
