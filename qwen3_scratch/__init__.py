@@ -6,6 +6,7 @@ from .config import Qwen3Config
 from .generate import ChatSession, chat, generate, stream_generate
 from .kv_cache import KVCache
 from .model import Qwen3Model
+from .quant import load_quantized, quantize_model, save_quantized
 from .tokenizer import Qwen3Tokenizer
 from .weights import load_pretrained, save_pretrained
 

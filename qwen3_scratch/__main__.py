@@ -8,11 +8,16 @@ import sys
 from importlib import import_module
 
 # command: (module, does the module's parser take the command name itself?, one-line help)
-COMMANDS = {
+COMMANDS = {  # in chapter order
     "chat": ("qwen3_scratch.cli", True, "interactive chat with a checkpoint (chapter 9)"),
     "generate": ("qwen3_scratch.cli", True, "continue one prompt and print the new text (chapter 9)"),
     "bench": ("qwen3_scratch.bench", False, "the chapter 11 benchmarks: results/*.json|csv and figures"),
-    "train": ("qwen3_scratch.pretrain", False, "train a tokenizer and a tiny Qwen3 on your text (chapter 12)"),
+    "train": ("qwen3_scratch.data_parallel", False,  # chapter 12's command; under torchrun DDP/FSDP (chapter 16)
+              "train a tokenizer and a tiny Qwen3 on your text (chapter 12; under torchrun: chapter 16)"),
+    "finetune": ("qwen3_scratch.finetune", False, "fine-tune on chat data, LoRA or full (chapter 13)"),
+    "quant": ("qwen3_scratch.quant", False, "the chapter 14 quantization benchmark: results/quant_cpu.json, figures"),
+    "serve": ("qwen3_scratch.server", True, "an OpenAI-compatible HTTP server with continuous batching (chapter 17)"),
+    "serve-bench": ("qwen3_scratch.server", True, "chapter 17's throughput benchmark: sequential vs concurrent"),
 }
 
 

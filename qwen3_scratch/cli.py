@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda if available, else cpu)")
     common.add_argument("--dtype", choices=DTYPE_CHOICES,
                         help="weights dtype (default: the checkpoint's on a GPU, float32 on the CPU)")
+    common.add_argument("--quantize", choices=["int8", "int4"],
+                        help="weight-only quantization while loading (chapter 14; int4 in groups of 64)")
     common.add_argument("--max-new-tokens", type=int, help="most tokens per reply (chat: 1024, generate: 128)")
     common.add_argument("--temperature", type=float, help="0 = greedy (default: greedy for plain generate, "
                         "else the model card's 0.6 thinking / 0.7 not thinking)")
@@ -49,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", parents=[common], help="continue one prompt and print the new text")
     gen.add_argument("--prompt", required=True, help="the prompt text ('-' reads it from stdin)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user turn")
+    gen.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: under `torchrun --nproc_per_node "
+                     "TP`, each process holds 1/TP of the model (chapter 16)")
     return parser
 
 
@@ -82,13 +86,13 @@ def _text(value, where) -> str:
     return value
 
 
-def load_model_and_tokenizer(name, device=None, dtype=None, source="auto"):
+def load_model_and_tokenizer(name, device=None, dtype=None, source="auto", quantize=None):
     """(Qwen3Model, Qwen3Tokenizer) for a checkpoint folder, repo id or preset (chapter 8): the tokenizer from
     the folder when it has a tokenizer.json, else the copy bundled with this package."""
     if device is not None:
         device = _check_device(device)
     directory = resolve_checkpoint(name, source=source)
-    model = load_pretrained(directory, dtype=dtype, device=device)
+    model = load_pretrained(directory, dtype=dtype, device=device, quantize=quantize)
     has_own = (Path(directory) / "tokenizer.json").is_file()
     return model, Qwen3Tokenizer.from_dir(directory) if has_own else Qwen3Tokenizer()
 
@@ -108,7 +112,11 @@ def _generator(model, seed):
     return torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
 
 
-def run_generate(args, stdin, out) -> int:
+def run_generate(args, stdin, out, shard=None) -> int:
+    if args.tp != 1 and shard is None:  # chapter 16: this process holds 1/tp of the model
+        from qwen3_scratch.tensor_parallel import tensor_parallel_cli
+        with tensor_parallel_cli(args, out) as (shard, out):
+            return run_generate(args, stdin, out, shard)
     if args.prompt == "-":
         try:
             prompt = _text(stdin.read(), "stdin")
@@ -117,7 +125,9 @@ def run_generate(args, stdin, out) -> int:
     else:
         prompt = _text(args.prompt, "--prompt")
     system = _text(args.system, "--system") if args.system else None
-    model, tok = load_model_and_tokenizer(args.model, args.device, args.dtype, args.source)
+    model, tok = load_model_and_tokenizer(args.model, args.device, args.dtype, args.source, args.quantize)
+    if shard is not None:
+        model = shard(model)
     think = not args.no_think
     if args.chat:  # the prompt is a user's message: special-token text in it stays plain text
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
@@ -158,7 +168,7 @@ def _read_line(stdin, interactive):
 
 def run_chat(args, stdin, out) -> int:
     system = _text(args.system, "--system") if args.system else None
-    model, tok = load_model_and_tokenizer(args.model, args.device, args.dtype, args.source)
+    model, tok = load_model_and_tokenizer(args.model, args.device, args.dtype, args.source, args.quantize)
     session = ChatSession(model, tok, system=system, enable_thinking=not args.no_think,
                           max_new_tokens=args.max_new_tokens or 1024, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p, generator=_generator(model, args.seed),

@@ -184,8 +184,7 @@ _MOE = dict(  # what every MoE release shares
 )
 
 
-def _long(theta):  # the 2507 and Coder releases: 256K native context and a larger RoPE base
-    return dict(max_position_embeddings=262_144, rope_theta=theta)
+_LONG = dict(max_position_embeddings=262_144)  # the 2507 and Coder releases: 256K native (and a larger rope_theta)
 
 
 _4B = dict(_DENSE, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
@@ -218,19 +217,20 @@ PRESETS = {  # numbers from each repository's config.json; V = 151,936 everywher
     "32B": dict(_DENSE, hidden_size=5120, intermediate_size=25600, num_hidden_layers=64, num_attention_heads=64,
                 tie_word_embeddings=False),
     # July 2025 ("2507"): the April shapes, split into Instruct and Thinking models, with a longer context
-    "4B-Instruct-2507": dict(_4B, **_long(5_000_000.0)),
-    "4B-Thinking-2507": dict(_4B, **_long(5_000_000.0)),
+    "4B-Instruct-2507": dict(_4B, **_LONG, rope_theta=5_000_000.0),
+    "4B-Thinking-2507": dict(_4B, **_LONG, rope_theta=5_000_000.0),
     "30B-A3B": _30B_A3B,
-    "30B-A3B-Instruct-2507": dict(_30B_A3B, **_long(10_000_000.0)),
-    "30B-A3B-Thinking-2507": dict(_30B_A3B, **_long(10_000_000.0)),
+    "30B-A3B-Instruct-2507": dict(_30B_A3B, **_LONG, rope_theta=10_000_000.0),
+    "30B-A3B-Thinking-2507": dict(_30B_A3B, **_LONG, rope_theta=10_000_000.0),
     "235B-A22B": _235B_A22B,
-    "235B-A22B-Instruct-2507": dict(_235B_A22B, **_long(5_000_000.0)),
-    "235B-A22B-Thinking-2507": dict(_235B_A22B, **_long(5_000_000.0)),
+    "235B-A22B-Instruct-2507": dict(_235B_A22B, **_LONG, rope_theta=5_000_000.0),
+    "235B-A22B-Thinking-2507": dict(_235B_A22B, **_LONG, rope_theta=5_000_000.0),
     # the Coder configs carry no bos_token_id
-    "Coder-30B-A3B-Instruct": dict(_30B_A3B, intermediate_size=5472, bos_token_id=None, **_long(10_000_000.0)),
+    "Coder-30B-A3B-Instruct": dict(_30B_A3B, intermediate_size=5472, bos_token_id=None, **_LONG,
+                                   rope_theta=10_000_000.0),
     "Coder-480B-A35B-Instruct": dict(_MOE, hidden_size=6144, intermediate_size=8192, moe_intermediate_size=2560,
                                      num_hidden_layers=62, num_attention_heads=96, num_key_value_heads=8,
-                                     num_experts=160, bos_token_id=None, **_long(10_000_000.0)),
+                                     num_experts=160, bos_token_id=None, **_LONG, rope_theta=10_000_000.0),
 }
 HF_REPOS = {name: f"Qwen/Qwen3-{name}" for name in PRESETS}  # where chapter 8 downloads each one
 

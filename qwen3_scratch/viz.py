@@ -5,7 +5,7 @@ Capture flips the chosen layers' `record_probs` switch (chapter 04) for one forw
 so the model's default path stays on scaled_dot_product_attention. Shapes: B batch, H query heads,
 K kv heads, T queries, S keys (cached + new; S = T without a cache), L layers. Chapter 10 owns it."""
 
-__all__ = ['recording', 'capture_attention', 'load_real_or_tiny', 'plot_attention', 'plot_head_grid', 'attention_entropy', 'sink_share', 'uniform_sink_share', 'head_similarity', 'group_contrast', 'widgets_available', 'attention_explorer']
+__all__ = ['recording', 'capture_attention', 'load_for_viz', 'plot_attention', 'plot_head_grid', 'attention_entropy', 'sink_share', 'uniform_sink_share', 'head_similarity', 'group_contrast', 'widgets_available', 'attention_explorer']
 
 
 # %% notebooks/10_attention_viz.ipynb
@@ -18,7 +18,8 @@ import torch
 from qwen3_scratch.config import Qwen3Config
 from qwen3_scratch.hub import cached_checkpoint
 from qwen3_scratch.model import Qwen3Model
-from qwen3_scratch.utils import default_device
+from qwen3_scratch.tokenizer import Qwen3Tokenizer
+from qwen3_scratch.utils import default_device, package_dir
 from qwen3_scratch.weights import load_pretrained
 
 
@@ -48,19 +49,23 @@ def capture_attention(model, input_ids, layers=None, **forward_kwargs):
 
 
 # %% notebooks/10_attention_viz.ipynb
-def load_real_or_tiny(repo="Qwen/Qwen3-0.6B", device=None, seed=0):
-    """The real checkpoint when a copy is already on this machine (chapter 8's cached_checkpoint), on any device
-    (bf16 on CUDA, float32 elsewhere), else a small random Qwen3. Returns (model, description). Never touches
-    the network."""
+def load_for_viz(repo="Qwen/Qwen3-0.6B", device=None, seed=0):
+    """(model, tokenizer, description) to look at, never touching the network: the real checkpoint when a copy is
+    already on this machine (chapter 8's cached_checkpoint; bf16 on CUDA, float32 elsewhere), else the trained
+    tiny Shakespeare Qwen3 bundled with the package, else a small random Qwen3."""
     device = torch.device(device) if device is not None else default_device()
     folder = cached_checkpoint(repo)
     if folder is not None:
         model = load_pretrained(folder, device=device)
-        return model, f"{repo} ({str(model.embed_tokens.weight.dtype).removeprefix('torch.')})"
+        return model, Qwen3Tokenizer(), f"{repo} ({str(model.embed_tokens.weight.dtype).removeprefix('torch.')})"
+    shipped = package_dir() / "data" / "shakespeare" / "model"  # package data: chapter 12 made it
+    if (shipped / "model.safetensors").is_file():
+        model = load_pretrained(shipped, device=device, dtype=torch.float32)
+        return model, Qwen3Tokenizer.from_dir(shipped), "tiny Shakespeare Qwen3 (trained, chapter 12)"
     torch.manual_seed(seed)
     cfg = Qwen3Config(hidden_size=128, intermediate_size=384, num_hidden_layers=6, num_attention_heads=8,
                       num_key_value_heads=4, head_dim=32)
-    return Qwen3Model(cfg).to(device).eval(), "random tiny Qwen3 (6 layers, untrained)"
+    return Qwen3Model(cfg).to(device).eval(), Qwen3Tokenizer(), "random tiny Qwen3 (6 layers, untrained)"
 
 
 # %% notebooks/10_attention_viz.ipynb

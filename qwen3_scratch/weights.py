@@ -14,7 +14,7 @@ import math
 import re
 import struct
 import warnings
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import safetensors
 import torch
@@ -104,9 +104,6 @@ def _names(names, limit=8) -> str:
 
 
 # %% notebooks/08_weights.ipynb
-from pathlib import PurePosixPath, PureWindowsPath
-
-
 def _shard_file(index_path, name, file) -> str:
     """A weight_map entry must name a file *in* the checkpoint folder: refuse '../x', absolute paths, drives."""
     posix, windows = PurePosixPath(str(file)), PureWindowsPath(str(file))
@@ -387,7 +384,8 @@ def read_config(directory) -> tuple[Qwen3Config, dict]:
     if raw.get("quantization_config"):
         quant = raw["quantization_config"]
         method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
-        raise CheckpointError(f"{path}: quantized checkpoints ({method}) are not supported; use the bf16 release")
+        if method != "qwen3_scratch":  # chapter 14's own format, which load_pretrained hands over to it
+            raise CheckpointError(f"{path}: quantized checkpoints ({method}) are not supported; use the bf16 release")
     try:
         return Qwen3Config.from_hf(raw), raw
     except (ValueError, TypeError, OverflowError) as e:  # model_type, rope scaling, impossible sizes: name the file
@@ -412,17 +410,25 @@ def _check_config_against_headers(config: Qwen3Config, found: dict, directory: P
 
 
 def load_pretrained(name_or_path, dtype=None, device=None, revision=None, source="auto", *,
-                    cache_dir=None) -> Qwen3Model:
+                    cache_dir=None, quantize=None, group_size=64) -> Qwen3Model:
     """A ready-to-run Qwen3Model (eval mode) from a checkpoint folder, preset name or repo id.
     dtype: None = the checkpoint's on CUDA (bf16 for the releases), float32 on CPU; "auto" = the checkpoint's.
-    device: None = chapter 00's default_device() (cuda, else mps, else cpu)."""
+    device: None = chapter 00's default_device() (cuda, else mps, else cpu). quantize: "int8" or "int4" (groups of
+    group_size) quantizes the weights after loading; a checkpoint saved quantized loads as it is (both: chapter 14,
+    imported only then)."""
     directory = resolve_checkpoint(name_or_path, revision=revision, source=source, cache_dir=cache_dir)
-    config, _ = read_config(directory)
+    config, raw = read_config(directory)
+    if raw.get("quantization_config") or quantize is not None:
+        from qwen3_scratch import quant
+        if raw.get("quantization_config"):
+            return quant.load_quantized(directory, device=device, dtype=dtype, scheme=quantize)
+        quant.check_scheme(quantize, group_size)  # refuse a bad scheme before loading anything
     files, headers = _read_checkpoint(directory)  # each header read once, here
     _check_config_against_headers(config, _stored(files, headers), directory)
     with torch.device("meta"):
         model = Qwen3Model(config)
-    return _load_checked(model, directory, files, headers, dtype=dtype, device=device).eval()
+    model = _load_checked(model, directory, files, headers, dtype=dtype, device=device).eval()
+    return model if quantize is None else quant.quantize_model(model, quantize, group_size)
 
 
 # %% notebooks/08_weights.ipynb

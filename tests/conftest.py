@@ -1,12 +1,9 @@
-import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
-os.environ.setdefault("MPLBACKEND", "Agg")
-os.environ.setdefault("QWEN3_SCRATCH_QUICK", "1")  # chapters that train or time things run their short version
 sys.path.insert(0, str(Path(__file__).parent))  # `import hf_ref` from any test
 
 
@@ -22,3 +19,13 @@ def hf_ckpt(tmp_path_factory):
         ref.save_pretrained(folder)
         out[kind] = (ref, folder)
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module (restored after): for tiny matrices, and where a server's threads share
+    the cores with the test's, one thread is fastest."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

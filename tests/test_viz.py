@@ -117,13 +117,16 @@ def test_explorer_widgets_redraw_without_printing_the_tensor(pair):
     assert explorer.widget.result is None, "a returned value would be printed under the heatmap on every update"
 
 
-def test_load_real_or_tiny_uses_a_cached_copy_on_any_device(tmp_path, monkeypatch):
+def test_load_for_viz_uses_a_cached_copy_on_any_device_then_the_trained_model(tmp_path, monkeypatch):
     """Real weights need only a local copy (chapter 8's cached_checkpoint), not a GPU."""
     from qwen3_scratch import viz
     from qwen3_scratch.weights import save_pretrained
     folder = save_pretrained(from_transformers(tiny_hf_model()), tmp_path / "ckpt")
     monkeypatch.setattr(viz, "cached_checkpoint", lambda repo: folder if repo == "Org/Tiny" else None)
-    model, what = viz.load_real_or_tiny("Org/Tiny", device="cpu")
+    model, tok, what = viz.load_for_viz("Org/Tiny", device="cpu")
     assert what == "Org/Tiny (float32)" and model.config.num_hidden_layers == 3 and not model.training
-    model, what = viz.load_real_or_tiny("Org/Missing", device="cpu")
+    model, tok, what = viz.load_for_viz("Org/Missing", device="cpu")  # no cached copy: the shipped trained model
+    assert what.startswith("tiny Shakespeare Qwen3 (trained") and model.config.vocab_size == tok.vocab_size == 4096
+    monkeypatch.setattr(viz, "package_dir", lambda: tmp_path / "nowhere")
+    model, tok, what = viz.load_for_viz("Org/Missing", device="cpu")
     assert what.startswith("random tiny Qwen3") and model.config.num_hidden_layers == 6

@@ -277,6 +277,10 @@ def _directive_lines(source: str) -> tuple[list[str], str]:
     return lines[:i], "\n".join(lines[i:])
 
 
+def _trailing_newline(cell) -> str:
+    return "\n" if _cell_source(cell).endswith("\n") else ""
+
+
 def _set_source(cell, text: str) -> None:
     cell["source"] = text.splitlines(keepends=True)
 
@@ -303,7 +307,7 @@ def student_notebook(nb: dict, chapter: str) -> tuple[dict, list[str]]:
             todo.append("(exercise)")
         elif "export" in found:
             code, names = stub_code(body, chapter)
-            _set_source(cell, "\n".join(directives + [code]))
+            _set_source(cell, "\n".join(directives + [code]) + _trailing_newline(cell))
             todo += names
     nb["cells"] = [_new_code_cell(FIRST_CELL, "use-your-package")] + nb["cells"] + \
                   [_new_code_cell(LAST_CELL, "export-your-work")]
@@ -391,7 +395,7 @@ def reveal(student_dir: Path, chapter: str, name: str) -> list[str]:
         for first, last, new in sorted(edits, reverse=True):
             lines[first - 1:last] = new
         if edits:
-            _set_source(cell, "\n".join(directives + lines))
+            _set_source(cell, "\n".join(directives + lines) + _trailing_newline(cell))
     path.write_text(_dump(nb))
     _export_student_package(Path(student_dir))  # later chapters import the revealed code at once
     return done
