@@ -105,9 +105,8 @@ class Qwen3Config:
         raw, where = _load_config_json(source)
         try:
             cfg = cls(**_fields_from_hf(raw))
-            if raw.get("layer_types") is not None and list(raw["layer_types"]) != cfg.layer_types:
-                raise ValueError(f"layer_types {raw['layer_types']} differ from what use_sliding_window, "
-                                 f"sliding_window and max_window_layers give: {cfg.layer_types}")
+            if raw.get("layer_types") is not None:
+                _check_layer_types(raw["layer_types"], cfg)
             return cfg
         except ValueError as e:  # every complaint names the file it is about
             raise ValueError(f"{where}: {e}") from None
@@ -161,6 +160,18 @@ def _check_long_context(cfg) -> None:
     m = cfg.max_window_layers
     if isinstance(m, bool) or not isinstance(m, int) or m < 0:
         raise ValueError(f"max_window_layers must be an integer >= 0, got {m!r}")
+
+
+def _check_layer_types(layer_types, cfg) -> None:
+    """config.json's layer_types must agree with what the window keys give. Its length is checked first, so a
+    config claiming a million layers is refused without building a million-entry list or message."""
+    if not isinstance(layer_types, list) or len(layer_types) != cfg.num_hidden_layers:
+        n = len(layer_types) if isinstance(layer_types, list) else type(layer_types).__name__
+        raise ValueError(f"layer_types has {n} entries, but num_hidden_layers is {cfg.num_hidden_layers:,}")
+    for i, (given, derived) in enumerate(zip(layer_types, cfg.layer_types)):
+        if given != derived:
+            raise ValueError(f"layer_types[{i}] is {given!r}, but use_sliding_window, sliding_window and "
+                             f"max_window_layers make layer {i} {derived!r}")
 
 
 # %% notebooks/00_setup.ipynb

@@ -191,3 +191,16 @@ def test_rope_scaling_must_be_an_object(key, value):
     raw = dict(Qwen3Config().to_hf(), **{key: value})
     with pytest.raises(ValueError, match=rf"config dict: {key} must be an object \(or null\), got "):
         Qwen3Config.from_hf(raw)
+
+
+def test_layer_types_of_the_wrong_length_are_refused_without_building_them():
+    """A config claiming 10**12 layers next to a 3-entry layer_types is refused at once, in one short line."""
+    raw = {"model_type": "qwen3", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+           "num_hidden_layers": 10**12, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+           "layer_types": ["full_attention"] * 3}
+    with pytest.raises(ValueError, match=r"layer_types has 3 entries, but num_hidden_layers is 1,000,000,000,000") as e:
+        Qwen3Config.from_hf(raw)
+    assert len(str(e.value)) < 200
+    raw.update(num_hidden_layers=3, layer_types=["full_attention", "sliding_attention", "full_attention"])
+    with pytest.raises(ValueError, match=r"layer_types\[1\] is 'sliding_attention', but .* make layer 1 'full_attention'"):
+        Qwen3Config.from_hf(raw)
