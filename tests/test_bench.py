@@ -15,12 +15,7 @@ from qwen3_scratch.kv_cache import kv_bytes_per_token, kv_cache_bytes
 from qwen3_scratch.config import Qwen3Config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # steadier on a shared CPU; no assertion depends on speed
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one torch thread
 
 
 def test_kv_bytes_formula_at_qwen3_06b():

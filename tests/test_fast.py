@@ -14,13 +14,7 @@ from qwen3_scratch.kv_cache import KVCache
 from qwen3_scratch.model import Qwen3Model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One CPU thread: on a shared 2-core machine, threads waiting on each other make tiny ops very slow."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one torch thread
 
 
 def tiny_model(seed=0, std=0.3, moe=False, **over):

@@ -18,12 +18,7 @@ from qwen3_scratch.quant import (GROUP_SIZES, QuantEmbedding, QuantLinear, awq_s
 from qwen3_scratch.weights import CheckpointError, load_pretrained, save_pretrained
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one torch thread
 
 
 def tiny(**kw):
