@@ -131,12 +131,12 @@ def next_token_loss(logits, targets, ignore_index: int = IGNORE_INDEX) -> torch.
 @dataclass
 class TrainConfig:
     """Everything about a training run except the model's shape. The defaults made the shipped checkpoint."""
-    steps: int = 400  # optimizer steps
-    batch_size: int = 8  # sequences per micro-batch, B
+    steps: int = 1300  # optimizer steps
+    batch_size: int = 4  # sequences per micro-batch, B
     seq_len: int = 256  # tokens per sequence, T
     grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 6e-3  # peak learning rate, after warmup (tiny models take large ones)
-    min_lr: float = 6e-4  # where the cosine ends
+    lr: float = 3e-3  # peak learning rate, after warmup (tiny models take large ones)
+    min_lr: float = 3e-4  # where the cosine ends
     warmup_steps: int = 20
     weight_decay: float = 0.1  # matrices only; norms and embeddings get none
     beta1: float = 0.9
