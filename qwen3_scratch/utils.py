@@ -4,7 +4,7 @@
 device to use, dtype names, what this machine supports, and how many parameters a module really has (tied
 weights counted once)."""
 
-__all__ = ['package_dir', 'figures_dir', 'quick_run', 'save_figure', 'default_device', 'device_name', 'DTYPE_CHOICES', 'parse_dtype', 'env_report', 'print_env', 'default_threads', 'count_module_params']
+__all__ = ['package_dir', 'figures_dir', 'quick_run', 'save_figure', 'default_device', 'device_name', 'cpu_model', 'DTYPE_CHOICES', 'parse_dtype', 'env_report', 'print_env', 'default_threads', 'count_module_params']
 
 
 # %% notebooks/00_setup.ipynb
@@ -65,7 +65,8 @@ def default_device() -> torch.device:
 
 
 def device_name(device: torch.device | str | None = None) -> str:
-    """A readable name: 'NVIDIA H100 80GB HBM3', 'Apple MPS (arm64)' or 'CPU (x86_64, 8 threads)'."""
+    """A readable name: 'NVIDIA H100 80GB HBM3', 'Apple MPS (arm64)' or 'CPU (AMD EPYC, x86_64 AVX2, 8 threads)'
+    (the CPU's model and the widest vector instructions PyTorch uses on it: both change CPU timings a lot)."""
     device = torch.device(device) if device is not None else default_device()
     if device.type == "cuda":
         return torch.cuda.get_device_name(device.index if device.index is not None else torch.cuda.current_device())
@@ -73,8 +74,19 @@ def device_name(device: torch.device | str | None = None) -> str:
         return f"Apple MPS ({platform.machine()})"
     if device.type == "cpu":
         n = torch.get_num_threads()
-        return f"CPU ({platform.machine()}, {n} thread{'s' if n != 1 else ''})"
+        return f"CPU ({cpu_model()}{platform.machine()} {torch.backends.cpu.get_cpu_capability()}, " \
+               f"{n} thread{'s' if n != 1 else ''})"
     return str(device)
+
+
+def cpu_model() -> str:
+    """'AMD EPYC, ' from /proc/cpuinfo's model name (Linux), else '' (the name is not portably available)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        name = ""
+    return f"{name}, " if name else ""
 
 
 # %% notebooks/00_setup.ipynb
