@@ -74,19 +74,20 @@ def device_name(device: torch.device | str | None = None) -> str:
         return f"Apple MPS ({platform.machine()})"
     if device.type == "cpu":
         n = torch.get_num_threads()
-        return f"CPU ({cpu_model()}{platform.machine()} {torch.backends.cpu.get_cpu_capability()}, " \
+        model = cpu_model()
+        return f"CPU ({model + ', ' if model else ''}{platform.machine()} {torch.backends.cpu.get_cpu_capability()}, " \
                f"{n} thread{'s' if n != 1 else ''})"
     return str(device)
 
 
 def cpu_model() -> str:
-    """'AMD EPYC, ' from /proc/cpuinfo's model name (Linux), else '' (the name is not portably available)."""
+    """The CPU's model name from /proc/cpuinfo, e.g. 'AMD EPYC' (Linux); '' elsewhere (no portable source)."""
     try:
         with open("/proc/cpuinfo") as f:
             name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     except OSError:
         name = ""
-    return f"{name}, " if name else ""
+    return name
 
 
 # %% notebooks/00_setup.ipynb
