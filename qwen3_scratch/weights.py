@@ -19,6 +19,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import safetensors
 import torch
 
+from qwen3_scratch.attention import check_attn_implementation
 from qwen3_scratch.config import Qwen3Config
 from qwen3_scratch.hub import resolve_checkpoint
 from qwen3_scratch.model import Qwen3Model
@@ -410,23 +411,26 @@ def _check_config_against_headers(config: Qwen3Config, found: dict, directory: P
 
 
 def load_pretrained(name_or_path, dtype=None, device=None, revision=None, source="auto", *,
-                    cache_dir=None, quantize=None, group_size=64) -> Qwen3Model:
+                    cache_dir=None, quantize=None, group_size=64, attn_implementation="sdpa") -> Qwen3Model:
     """A ready-to-run Qwen3Model (eval mode) from a checkpoint folder, preset name or repo id.
     dtype: None = the checkpoint's on CUDA (bf16 for the releases), float32 on CPU; "auto" = the checkpoint's.
     device: None = chapter 00's default_device() (cuda, else mps, else cpu). quantize: "int8" or "int4" (groups of
     group_size) quantizes the weights after loading; a checkpoint saved quantized loads as it is (both: chapter 14,
-    imported only then)."""
+    imported only then). attn_implementation: "sdpa" (default), "eager", or chapter 21's "flash" / "triton"; an
+    unknown name, or one that cannot run on `device`, is refused before anything is read."""
+    check_attn_implementation(attn_implementation, torch.device(device) if device is not None else default_device())
     directory = resolve_checkpoint(name_or_path, revision=revision, source=source, cache_dir=cache_dir)
     config, raw = read_config(directory)
     if raw.get("quantization_config") or quantize is not None:
         from qwen3_scratch import quant
         if raw.get("quantization_config"):
-            return quant.load_quantized(directory, device=device, dtype=dtype, scheme=quantize)
+            model = quant.load_quantized(directory, device=device, dtype=dtype, scheme=quantize)
+            return model.set_attn_implementation(attn_implementation)
         quant.check_scheme(quantize, group_size)  # refuse a bad scheme before loading anything
     files, headers = _read_checkpoint(directory)  # each header read once, here
     _check_config_against_headers(config, _stored(files, headers), directory)
     with torch.device("meta"):
-        model = Qwen3Model(config)
+        model = Qwen3Model(config, attn_implementation=attn_implementation)
     model = _load_checked(model, directory, files, headers, dtype=dtype, device=device).eval()
     return model if quantize is None else quant.quantize_model(model, quantize, group_size)
 
