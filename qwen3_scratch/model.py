@@ -98,7 +98,7 @@ class Qwen3Model(nn.Module):
         """Which attention every layer runs, by chapter 04's registry name as transformers spells it: "sdpa"
         (default), "eager"; chapter 21 adds "flash" and "triton". An unknown name, or one that cannot run on the
         model's device, gets a one-line ValueError. Returns the model."""
-        device = self.embed_tokens.weight.device
+        device = self.norm.weight.device  # not the embedding's: chapter 14 may have quantized it
         check_attn_implementation(name, None if device.type == "meta" else device)
         for layer in self.layers:
             layer.self_attn.attn_implementation = name
