@@ -96,10 +96,9 @@ class Qwen3Model(nn.Module):
 
     def set_attn_implementation(self, name: str) -> "Qwen3Model":
         """Which attention every layer runs, by chapter 04's registry name as transformers spells it: "sdpa"
-        (default), "eager"; chapter 21 adds "flash" and "triton". An unknown name, or one that cannot run on the
-        model's device, gets a one-line ValueError. Returns the model."""
-        device = self.norm.weight.device  # not the embedding's: chapter 14 may have quantized it
-        check_attn_implementation(name, None if device.type == "meta" else device)
+        (default), "eager"; chapter 21 adds "flash" and "triton". An unknown name, or one that cannot run on this
+        machine, gets a one-line ValueError (load_pretrained also checks the device it loads onto). Returns the model."""
+        check_attn_implementation(name)
         for layer in self.layers:
             layer.self_attn.attn_implementation = name
         return self
