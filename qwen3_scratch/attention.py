@@ -57,8 +57,8 @@ def attention_eager(q, k, v, mask=None):
 
 # %% notebooks/04_attention.ipynb
 def attention_sdpa(q, k, v, mask=None):
-    """attention_eager's contract on PyTorch's fused F.scaled_dot_product_attention: q (B, H, T, Dh), k, v (B, K, S, Dh),
-    mask bool (T, S) or (B|1, 1, T, S), True = may attend, or None (causal). Returns out (B, H, T, Dh) only."""
+    """attention_eager's contract on PyTorch's fused F.scaled_dot_product_attention: q (B, H, T, Dh), k, v
+    (B, K, S, Dh); mask bool (T, S) or (B|1, 1, T, S), True = may attend, or None (causal). Returns (B, H, T, Dh)."""
     B, H, T, Dh = q.shape
     K, S = k.shape[1], k.shape[2]
     if mask is None and 1 < T < S:  # SDPA's is_causal aligns the triangle top-left: give it ours

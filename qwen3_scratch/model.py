@@ -97,7 +97,7 @@ class Qwen3Model(nn.Module):
     def set_attn_implementation(self, name: str) -> "Qwen3Model":
         """Which attention every layer runs, by chapter 04's registry name as transformers spells it: "sdpa"
         (default), "eager"; chapter 21 adds "flash" and "triton". An unknown name, or one that cannot run on this
-        machine, gets a one-line ValueError (load_pretrained also checks the device it loads onto). Returns the model."""
+        machine, gets a one-line ValueError (load_pretrained also checks the device it loads onto). Returns self."""
         check_attn_implementation(name)
         for layer in self.layers:
             layer.self_attn.attn_implementation = name
