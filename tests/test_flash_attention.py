@@ -373,3 +373,46 @@ def test_traffic_on_paper():
     t = attention_traffic(4096, 4096, 128, block_q=128)
     assert t["flops"] / t["naive_bytes"] == pytest.approx(64, rel=0.05)  # Dh / 2 FLOP per byte in bf16
     assert t["flops"] / t["tiled_bytes"] == pytest.approx(128, rel=0.05)  # about block_q
+
+
+# ---- the other masks the model builds: chapter 11's fixed-shape cache, chapter 15's sliding windows
+
+def _random_model(seed=0, **over):
+    from qwen3_scratch.config import Qwen3Config
+    cfg = Qwen3Config(**{**dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                max_position_embeddings=256), **over})
+    torch.manual_seed(seed)
+    model = Qwen3Model(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("impl", ["flash", pytest.param("triton", marks=needs_triton)])
+def test_fixed_shape_cache_decoding_equals_plain_generate(impl):
+    from qwen3_scratch.fast import fast_generate
+    model = _random_model()
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    want = generate(model, ids, 8)  # sdpa, chapter 9's cache
+    model.set_attn_implementation(impl)  # chapter 11's cache: (B, K, 256, Dh) buffers, unwritten slots masked
+    assert torch.equal(fast_generate(model, ids, 8, max_len=32), want)
+
+
+@pytest.mark.parametrize("impl", ["flash", pytest.param("triton", marks=needs_triton)])
+def test_sliding_window_layers_with_a_rolling_cache(impl):
+    from qwen3_scratch.long_context import RollingKVCache
+    model = _random_model(use_sliding_window=True, sliding_window=6, max_window_layers=1)  # layer 1 slides
+    assert model.config.layer_types == ["full_attention", "sliding_attention"]
+    ids = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(1))
+    outs = {}
+    for name in ("sdpa", impl):
+        model.set_attn_implementation(name)
+        cache = RollingKVCache.for_model(model, 1, 20)
+        with torch.no_grad():
+            steps = [model(ids[:, :9], kv_cache=cache)]  # a prefill of 9, then one token at a time
+            steps += [model(ids[:, t:t + 1], kv_cache=cache) for t in range(9, 20)]
+            outs[name] = (torch.cat(steps, 1), model(ids))  # (1, 20, V) cached, and in one pass
+    assert (outs[impl][0] - outs["sdpa"][0]).abs().max() < 1e-4
+    assert (outs[impl][1] - outs["sdpa"][1]).abs().max() < 1e-4
