@@ -5,7 +5,7 @@ pass and keeps the longest prefix it agrees with, plus one token of its own. Gre
 output has the target's distribution (the rejection rule of Leviathan et al. 2023 and Chen et al. 2023). Batch size 1.
 Chapter 20 owns it. Legend: T tokens, k drafted tokens, V vocab. References: gpt-fast's generate.py, vLLM."""
 
-__all__ = ['accept_greedy', 'CachedModel', 'SpecStats', 'sampling_probs', 'residual_probs', 'accept_sampled', 'check_draft', 'check_tokenizers', 'stream_speculative', 'speculative_generate', 'speculative_decoder']
+__all__ = ['accept_greedy', 'CachedModel', 'SpecStats', 'check_draft', 'check_tokenizers', 'sampling_probs', 'residual_probs', 'accept_sampled', 'stream_speculative', 'speculative_generate', 'speculative_decoder']
 
 
 # %% notebooks/20_speculative_decoding.ipynb
@@ -119,6 +119,36 @@ class SpecStats:
 
 
 # %% notebooks/20_speculative_decoding.ipynb
+def check_draft(target, draft, max_len: int) -> None:
+    """Raise a ValueError naming the mismatch unless `draft` can draft for `target`: the same vocabulary size (the
+    same ids must mean the same tokens: chapter 19's students share the teacher's tokenizer), the same device, and a
+    context window of at least max_len tokens."""
+    tv, dv = target.config.vocab_size, draft.config.vocab_size
+    if tv != dv:
+        raise ValueError(f"the draft's vocabulary has {dv} entries and the target's {tv}: speculative decoding "
+                         f"needs one tokenizer for both (the draft's token ids are the target's input)")
+    td, dd = next(target.parameters()).device, next(draft.parameters()).device
+    if td != dd:
+        raise ValueError(f"the draft is on {dd} and the target on {td}: put both on one device")
+    limit = draft.config.max_position_embeddings
+    if max_len > limit:
+        raise ValueError(f"prompt + max_new_tokens = {max_len} exceeds the draft's context window, "
+                         f"max_position_embeddings={limit}")
+
+
+def check_tokenizers(target_tokenizer, draft_tokenizer, what="the draft") -> None:
+    """Raise a ValueError unless both tokenizers map the same strings to the same ids (what names the draft)."""
+    a = target_tokenizer.backend.get_vocab(with_added_tokens=True)
+    b = draft_tokenizer.backend.get_vocab(with_added_tokens=True)
+    if a != b:
+        differ = sorted(set(a.items()) ^ set(b.items()), key=lambda kv: kv[1])
+        token, i = differ[0]
+        raise ValueError(f"{what}: its tokenizer differs from the target's ({len(b)} vs {len(a)} tokens; e.g. "
+                         f"{token!r} is id {b.get(token)} in one and {a.get(token)} in the other): speculative "
+                         f"decoding needs one vocabulary for both")
+
+
+# %% notebooks/20_speculative_decoding.ipynb
 def sampling_probs(logits, temperature, top_k=None, top_p=None):
     """logits (..., V) -> the probabilities chapter 9's sample_next draws from when temperature > 0: divide by the
     temperature, keep the top_k, then the top_p nucleus, softmax (filtered tokens get exactly 0). Applied alike to
@@ -152,36 +182,6 @@ def accept_sampled(p, q, drafted, generator=None):
     n = int(kept.long().cumprod(dim=0).sum())
     dist = p[k] if n == k else residual_probs(p[n], q[n])
     return n, torch.multinomial(dist, 1, generator=generator)[0]
-
-
-# %% notebooks/20_speculative_decoding.ipynb
-def check_draft(target, draft, max_len: int) -> None:
-    """Raise a ValueError naming the mismatch unless `draft` can draft for `target`: the same vocabulary size (the
-    same ids must mean the same tokens: chapter 19's students share the teacher's tokenizer), the same device, and a
-    context window of at least max_len tokens."""
-    tv, dv = target.config.vocab_size, draft.config.vocab_size
-    if tv != dv:
-        raise ValueError(f"the draft's vocabulary has {dv} entries and the target's {tv}: speculative decoding "
-                         f"needs one tokenizer for both (the draft's token ids are the target's input)")
-    td, dd = next(target.parameters()).device, next(draft.parameters()).device
-    if td != dd:
-        raise ValueError(f"the draft is on {dd} and the target on {td}: put both on one device")
-    limit = draft.config.max_position_embeddings
-    if max_len > limit:
-        raise ValueError(f"prompt + max_new_tokens = {max_len} exceeds the draft's context window, "
-                         f"max_position_embeddings={limit}")
-
-
-def check_tokenizers(target_tokenizer, draft_tokenizer, what="the draft") -> None:
-    """Raise a ValueError unless both tokenizers map the same strings to the same ids (what names the draft)."""
-    a = target_tokenizer.backend.get_vocab(with_added_tokens=True)
-    b = draft_tokenizer.backend.get_vocab(with_added_tokens=True)
-    if a != b:
-        differ = sorted(set(a.items()) ^ set(b.items()), key=lambda kv: kv[1])
-        token, i = differ[0]
-        raise ValueError(f"{what}: its tokenizer differs from the target's ({len(b)} vs {len(a)} tokens; e.g. "
-                         f"{token!r} is id {b.get(token)} in one and {a.get(token)} in the other): speculative "
-                         f"decoding needs one vocabulary for both")
 
 
 # %% notebooks/20_speculative_decoding.ipynb
