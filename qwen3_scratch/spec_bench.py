@@ -17,6 +17,7 @@ import math
 import platform
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -47,7 +48,7 @@ class SpecBenchSettings:
     fast_path: bool = True  # also time chapter 11's fixed-shape cache, eager and compiled (tens of seconds to compile)
 
 
-SETTINGS = {"quick": SpecBenchSettings(prompts=1, prompt_len=16, new_tokens=24, ks=(1, 2, 4), warmup=0, repeats=2,
+SETTINGS = {"quick": SpecBenchSettings(prompts=1, prompt_len=16, new_tokens=24, ks=(1, 2, 4), warmup=0, repeats=1,
                                        fast_path=False),
             "full": SpecBenchSettings()}
 
@@ -169,9 +170,13 @@ def speed_rows(target, drafts, prompts, plan, new_tokens, temperature, warmup, r
         variants[("alone", None, 0.0, "compiled")] = alone(0.0, compile=True)
         variants[(name, k, 0.0, "fixed")] = spec(name, k, 0.0, fixed_shape=True)
         variants[(name, k, 0.0, "compiled")] = spec(name, k, 0.0, compile=True)
-    reference = [out[0].tolist() for out in variants[("alone", None, 0.0, "plain")]()]
-    same = {key: [out[0].tolist() for out in fn()] == reference for key, fn in variants.items() if key[2] == 0}
-    times = time_samples(variants, device, warmup, repeats)  # the check above compiled what needs compiling
+    outputs = {}
+
+    def keeping(key, fn):  # keep each variant's last outputs, to check the greedy tokens after the timing
+        return lambda: outputs.__setitem__(key, [out[0].tolist() for out in fn()])
+    warmup = max(warmup, 1) if fast_path else warmup  # compilation happens in the untimed warm-up calls
+    times = time_samples({key: keeping(key, fn) for key, fn in variants.items()}, device, warmup, repeats)
+    same = {key: out == outputs[("alone", None, 0.0, "plain")] for key, out in outputs.items() if key[2] == 0}
     rows = []
     for (name, k, t, path), samples in times.items():
         base = times[("alone", None, t, "plain" if path == "plain" else path)]
@@ -205,15 +210,19 @@ def run_spec_bench(settings: SpecBenchSettings, target=TEACHER_DIR, drafts=None,
     """The whole experiment: {"meta", "acceptance", "costs", "speed"}."""
     device = torch.device(device) if device is not None else default_device()
     dtype = parse_dtype(dtype) if dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    start = time.perf_counter()
+
+    def elapsed():
+        return f"({time.perf_counter() - start:.0f} s)"
     target_model, draft_models, tok = load_models(target, drafts, device, dtype)
     prompts = bench_prompts(tok, settings.prompts, settings.prompt_len, device)
     log(f"{device_name(device)}, {dtype}; target {target}, drafts {', '.join(draft_models)}")
     temps = (0.0, settings.temperature)
     acceptance = acceptance_rows(target_model, draft_models, prompts, settings.ks, temps, settings.new_tokens)
-    log("acceptance: done")
+    log(f"acceptance: done {elapsed()}")
     costs = forward_costs({"target": target_model, **draft_models}, range(1, max(settings.ks) + 2),
                           settings.prompt_len + settings.new_tokens // 2, settings.warmup + 1, settings.repeats)
-    log("forward costs: done")
+    log(f"forward costs: done {elapsed()}")
     plan = best_plan(acceptance, costs, settings.ks, settings.temperature)
     if settings.fast_path:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)  # one graph per model and T
@@ -224,7 +233,7 @@ def run_spec_bench(settings: SpecBenchSettings, target=TEACHER_DIR, drafts=None,
                     (row["draft"], row["k"], row["temperature"])), None)
         row["predicted_speedup"] = predicted_speedup(acc["tokens_per_target_forward"], row["k"], costs,
                                                      row["draft"]) if acc and row["path"] == "plain" else None
-    log("speed: done")
+    log(f"speed: done {elapsed()}")
     sizes = {name: sum(p.numel() for p in m.parameters()) for name, m in [("target", target_model), *draft_models.items()]}
     meta = {"device": str(device), "device_name": device_name(device), "dtype": str(dtype).removeprefix("torch."),
             "torch": torch.__version__, "python": platform.python_version(), "cpu_threads": torch.get_num_threads(),

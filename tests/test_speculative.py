@@ -236,9 +236,9 @@ def test_speculative_sampling_reproduces_the_targets_distribution(monkeypatch):
             counts[out[0] * 8 + out[1]] += 1
         return counts
 
-    right = chi_square_p_value(sample_counts(1200), exact)
+    right = chi_square_p_value(sample_counts(800), exact)
     monkeypatch.setattr(speculative, "accept_sampled", always_accept)
-    wrong = chi_square_p_value(sample_counts(200), exact)
+    wrong = chi_square_p_value(sample_counts(150), exact)
     print(settings, right, wrong)
     assert right > 1e-3, f"speculative sampling must follow the target's distribution (p = {right:.2g})"
     assert wrong < 1e-9, f"the 'always accept' rule must be caught (p = {wrong:.2g})"
