@@ -286,15 +286,18 @@ class ChatSession:
     (which drops the thinking of earlier assistant turns), streams each reply and splits it into thinking
     and answer. Sampling defaults to the model card's recommendation for the current mode; set
     temperature=0 for greedy. enable_thinking can be switched between turns. split_special_tokens=True: text
-    like `<|im_start|>` inside a message is plain text, not a control token (chapter 1)."""
+    like `<|im_start|>` inside a message is plain text, not a control token (chapter 1). decode: a function with
+    stream_generate's signature that produces the reply (chapter 20 passes its speculative decoding here)."""
 
     def __init__(self, model, tokenizer=None, system=None, enable_thinking=True, max_new_tokens=1024,
-                 temperature=None, top_k=None, top_p=None, generator=None, split_special_tokens=False):
+                 temperature=None, top_k=None, top_p=None, generator=None, split_special_tokens=False,
+                 decode=None):
         self.model, self.tokenizer = model, tokenizer or Qwen3Tokenizer()
         self.system, self.enable_thinking, self.max_new_tokens = system, enable_thinking, max_new_tokens
         self.overrides = dict(temperature=temperature, top_k=top_k, top_p=top_p)
         self.generator, self.last_reply = generator, None
         self.split_special_tokens = split_special_tokens  # True: special-token text in messages stays plain text
+        self.decode = decode or stream_generate
         self.reset()
 
     def reset(self):
@@ -323,8 +326,8 @@ class ChatSession:
                              f"max_position_embeddings={limit}: reset() to start again")
         device = next(self.model.parameters()).device
         prompt = torch.tensor([ids], device=device)  # (1, T)
-        steps = stream_generate(self.model, prompt, min(self.max_new_tokens, limit - len(ids)),
-                                eos_token_id=self.tokenizer.stop_token_ids, generator=self.generator, **self.sampling())
+        steps = self.decode(self.model, prompt, min(self.max_new_tokens, limit - len(ids)),
+                            eos_token_id=self.tokenizer.stop_token_ids, generator=self.generator, **self.sampling())
         return self._reply(user_text, steps)
 
     def _reply(self, user_text, steps):
