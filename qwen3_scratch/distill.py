@@ -6,7 +6,7 @@ recomputed per batch or cached as top-k plus one tail bucket; on-policy: the stu
 student minimizes the reverse KL on its own tokens (GKD, Agarwal et al. 2024), the two phases of Qwen3's strong-to-weak
 distillation (Qwen3 report, section 4.5). Legend: B batch, T tokens, V vocab, k cached teacher tokens, N windows."""
 
-__all__ = ['MODES', 'kl_to_teacher', 'distill_loss', 'topk_targets', 'kl_to_topk', 'WindowBatches', 'TopKCache', 'DistillConfig', 'distill_step', 'distill', 'reverse_kl', 'reverse_kl_sampled', 'sample_continuations', 'onpolicy_loss', 'score_samples']
+__all__ = ['MODES', 'kl_to_teacher', 'distill_loss', 'topk_targets', 'kl_to_topk', 'WindowBatches', 'TopKCache', 'SharedTeacher', 'DistillConfig', 'distill_step', 'distill', 'reverse_kl', 'reverse_kl_sampled', 'sample_continuations', 'onpolicy_loss', 'score_samples']
 
 
 # %% notebooks/19_distillation.ipynb
@@ -175,6 +175,23 @@ class TopKCache:
         return (self.logprobs[window_ids].to(device).float(), self.indices[window_ids].to(device).long())
 
 
+class SharedTeacher(nn.Module):
+    """The teacher with a memory of one batch: called again on the same input (another student training on the
+    same windows at the same step), it returns the logits it just computed instead of running again."""
+
+    def __init__(self, teacher: nn.Module):
+        super().__init__()
+        self.teacher, self.config = teacher, teacher.config
+        self._input, self._logits = None, None
+        self.forwards = 0  # how many times the teacher really ran
+
+    def forward(self, input_ids):
+        if self._input is None or self._input.shape != input_ids.shape or not torch.equal(self._input, input_ids):
+            self._input, self._logits = input_ids.clone(), self.teacher(input_ids)
+            self.forwards += 1
+        return self._logits
+
+
 # %% notebooks/19_distillation.ipynb
 @dataclass
 class DistillConfig(TrainConfig):
@@ -263,7 +280,7 @@ def distill(student, batches: WindowBatches, cfg: DistillConfig, teacher=None, c
             history["val"].append({"step": done, "tokens": done * per_step, "loss": round(evaluate_fn(student), 5)})
             if log is not None:
                 log(f"{cfg.mode:9s} step {done:5d}/{cfg.steps}  train {stats['loss']:.3f}  "
-                    f"val {history['val'][-1]['loss']:.3f}  {time.perf_counter() - t0:.0f} s")
+                    f"val {history['val'][-1]['loss']:.3f}  {history['seconds'] + time.perf_counter() - t0:.0f} s")
     history["seconds"] = round(history["seconds"] + time.perf_counter() - t0, 2)
     return history
 

