@@ -52,14 +52,14 @@ def plot_layer_importance(report: dict):
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
     a.bar(torch.arange(L) - 0.2, imp["loss_increase"], 0.4, label="loss increase when skipped (nats)")
     a.bar(torch.arange(L) + 0.2, imp["block_importance"], 0.4, label="1 - cos(input, output)")
-    for i in range(L):
+    a.set(xlabel="layer (red: dropped)", title=f"layer importance on calibration text (loss {imp['loss']:.3f})",
+          xticks=range(L))
+    for i, label in enumerate(a.get_xticklabels()):
         if i not in report["kept_layers"]:
-            a.annotate("dropped", (i, 0), ha="center", va="bottom", fontsize=7, rotation=90, color="tab:red")
-    a.set(xlabel="layer", title=f"layer importance on calibration text (loss {imp['loss']:.3f})", xticks=range(L))
+            label.set_color("tab:red")
     a.legend(fontsize=8)
     for r, step in enumerate(report["trace"]):
-        layers = sorted(int(k) for k in step["loss_increase"])
-        b.plot(layers, [step["loss_increase"][k] for k in layers], "o-", label=f"round {r + 1}: drop {step['dropped']}")
+        b.plot(step["layers"], step["loss_increase"], "o-", label=f"round {r + 1}: drop {step['dropped']}")
     b.set(xlabel="layer", ylabel="loss increase if dropped next (nats)", title="greedy depth pruning",
           xticks=range(L))
     b.legend(fontsize=7)
@@ -81,6 +81,8 @@ def plot_channel_importance(report: dict, student_config: dict):
             label = f"layer {report['kept_layers'][i]}" if sc[key].dim() == 2 else None
             ax.plot(row.sort(descending=True).values, "o-" if key == "heads" else "-", ms=4, label=label)
         ax.axvline(k - 0.5, color="k", ls="--", lw=1)
+        if key == "heads":
+            ax.set_xticks(range(rows.shape[1]))
         ax.set(xlabel=f"{what}, by rank", ylabel="importance", title=f"{what}s: keep {k} of {rows.shape[1]}")
         if label:
             ax.legend(fontsize=7)

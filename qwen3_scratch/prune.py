@@ -106,7 +106,7 @@ def layer_importance(model: Qwen3Model, batches, autocast: str = "auto") -> dict
 def choose_layers(model: Qwen3Model, keep: int, batches, autocast: str = "auto") -> tuple[list[int], list[dict]]:
     """Greedy depth pruning: drop, one at a time, the layer whose removal raises the calibration loss least,
     re-measuring after each drop (a layer can matter more once a neighbour is gone). Returns (kept layer
-    indices, the trace: for each round, {"dropped": i, "loss_increase": {layer: rise}})."""
+    indices, the trace: for each round, {"dropped": i, "layers": [candidates], "loss_increase": [their rises]})."""
     L = len(model.layers)
     if not 1 <= keep <= L:
         raise ValueError(f"keep must be between 1 and the model's {L} layers, got {keep}")
@@ -121,7 +121,7 @@ def choose_layers(model: Qwen3Model, keep: int, batches, autocast: str = "auto")
                     rises[i] = mean_loss(model, batches, autocast) - base
         worst = min(rises, key=rises.get)
         dropped.append(worst)
-        trace.append({"dropped": worst, "loss_increase": rises})
+        trace.append({"dropped": worst, "layers": list(rises), "loss_increase": list(rises.values())})
     return [i for i in range(L) if i not in dropped], trace
 
 

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from qwen3_scratch import distill_cli, distill_lab
+from qwen3_scratch import distill_cli, distill_lab, distill_plots
 from qwen3_scratch.model import Qwen3Model
 from qwen3_scratch.pretrain import SHIPPED_MODEL, init_weights, tiny_config
 from qwen3_scratch.weights import save_pretrained
@@ -60,7 +60,11 @@ def test_run_ship_and_figures(tiny_teacher, data, tmp_path, one_thread):
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, res["_models"]["pruned"].eval()(x), rtol=0, atol=1e-5)
     path = distill_lab.save_results(res, tmp_path / "out", tmp_path / "figs", quick=True, log=None)
-    assert "_models" not in json.loads(path.read_text())
+    loaded = json.loads(path.read_text())  # what the notebook reads back from the committed run
+    assert "_models" not in loaded and loaded["summary"] == distill_lab.summarize(loaded)
+    for fig in (distill_plots.plot_curves(loaded), distill_plots.plot_layer_importance(loaded["prune"]),
+                distill_plots.plot_channel_importance(loaded["prune"], loaded["student_config"])):
+        assert fig.axes
     assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == [
         "19_channel_importance.png", "19_layer_importance.png", "19_students.png"]
 
