@@ -4,7 +4,7 @@
 vocabulary (folders or Hub ids), off-policy on your text, on-policy, or both in Qwen3's order, the student loaded or
 pruned out of the teacher (Minitron); on a CPU or a CUDA GPU with bf16 autocast. Owned by chapter 19."""
 
-__all__ = ['main']
+__all__ = ['distill_main', 'main']
 
 
 # %% notebooks/19_distillation.ipynb
@@ -31,12 +31,12 @@ def _error(message: str) -> int:
     return 2
 
 
-def main(argv=None) -> int:
+def distill_main(argv=None) -> int:
     """`python -m qwen3_scratch distill --teacher T (--student S | --prune-half) --text FILE ... --out DIR`:
     distill any Qwen3 teacher into a student with the same vocabulary, off-policy on the text, on-policy, or both
     (off-policy, then on-policy for the last --onpolicy-share of the steps), on a CPU or a GPU (bf16 autocast)."""
     d = DistillConfig()
-    p = argparse.ArgumentParser(prog="python -m qwen3_scratch distill", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m qwen3_scratch distill", description=distill_main.__doc__)
     p.add_argument("--teacher", required=True, help="checkpoint folder or Hub id of the teacher")
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--student", help="checkpoint folder or Hub id of the student (same vocabulary)")
@@ -103,3 +103,13 @@ def main(argv=None) -> int:
     print(f"wrote {out}: held-out loss {before:.3f} -> {after:.3f} nats/token, {cfg.steps} steps "
           f"({args.mode}), {history['seconds'] / 60:.1f} min on {device_name(device)}")
     return 0
+
+
+def main(argv=None) -> int:
+    """Both of chapter 19's commands: `distill ...` (distill_main, above) and `distill-lab ...` (the chapter's
+    experiment, distill_lab.lab_main, imported only for that command). argv may start with the command's name."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["distill-lab"]:
+        from qwen3_scratch.distill_lab import lab_main
+        return lab_main(argv[1:])
+    return distill_main(argv[1:] if argv[:1] == ["distill"] else argv)

@@ -80,9 +80,9 @@ def test_estimate_adds_up(tiny_teacher):
 
 
 def test_lab_cli_refuses(tmp_path, capsys):
-    assert distill_lab.main(["--teacher", str(tmp_path / "nope"), "--quick"]) == 2
+    assert distill_lab.lab_main(["--teacher", str(tmp_path / "nope"), "--quick"]) == 2
     assert "nope" in capsys.readouterr().err
-    assert distill_lab.main(["--quick", "--tokens", "10"]) == 2
+    assert distill_lab.lab_main(["--quick", "--tokens", "10"]) == 2
     assert "--tokens" in capsys.readouterr().err
 
 
