@@ -18,6 +18,9 @@ COMMANDS = {  # in chapter order
     "quant": ("qwen3_scratch.quant", False, "the chapter 14 quantization benchmark: results/quant_cpu.json, figures"),
     "serve": ("qwen3_scratch.server", True, "an OpenAI-compatible HTTP server with continuous batching (chapter 17)"),
     "serve-bench": ("qwen3_scratch.server", True, "chapter 17's throughput benchmark: sequential vs concurrent"),
+    "distill": ("qwen3_scratch.distill_cli", True, "distill a teacher into a student, off- or on-policy (chapter 19)"),
+    "distill-lab": ("qwen3_scratch.distill_cli", True,
+                    "chapter 19's four students (scratch, distilled, on-policy, pruned): results, figures"),
     "spec-bench": ("qwen3_scratch.spec_bench", False,
                    "chapter 20's speculative decoding benchmark: results/speculative_*.json and figures"),
 }
