@@ -18,8 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen3_scratch.generate import generate
-from qwen3_scratch.pretrain import (IGNORE_INDEX, TrainConfig, autocast_context, make_optimizer, next_token_loss,
-                                    unwrap)
+from qwen3_scratch.trainer import autocast_context, IGNORE_INDEX, make_optimizer, next_token_loss, TrainConfig, unwrap
 
 MODES = ("scratch", "offpolicy", "onpolicy")
 

@@ -19,7 +19,8 @@ import torch
 
 from qwen3_scratch.distill import DistillConfig, TopKCache, WindowBatches, distill
 from qwen3_scratch.hub import resolve_checkpoint
-from qwen3_scratch.pretrain import TokenBatches, _read_texts, encode_documents, evaluate, make_optimizer, split_texts
+from qwen3_scratch.pretrain import encode_documents, read_texts, split_texts, TokenBatches
+from qwen3_scratch.trainer import evaluate, make_optimizer
 from qwen3_scratch.prune import half_config, prune
 from qwen3_scratch.tokenizer import Qwen3Tokenizer
 from qwen3_scratch.utils import default_device, device_name
@@ -54,7 +55,7 @@ def distill_main(argv=None) -> int:
     out = Path(args.out)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         return _error(f"--out {out}: exists and is not an empty folder; nothing was overwritten")
-    texts, problem = _read_texts(args.text)
+    texts, problem = read_texts(args.text)
     if problem:
         return _error(problem)
     device = torch.device(args.device) if args.device else default_device()
@@ -106,10 +107,7 @@ def distill_main(argv=None) -> int:
 
 
 def main(argv=None) -> int:
-    """Both of chapter 19's commands: `distill ...` (distill_main, above) and `distill-lab ...` (the chapter's
-    experiment, distill_lab.lab_main, imported only for that command). argv may start with the command's name."""
+    """`python -m qwen3_scratch distill ...` (distill_main, above); argv may start with the command's name. The
+    chapter's experiment, `distill-lab`, is the lab's (lab/students.py)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["distill-lab"]:
-        from qwen3_scratch.distill_lab import lab_main
-        return lab_main(argv[1:])
     return distill_main(argv[1:] if argv[:1] == ["distill"] else argv)

@@ -18,7 +18,7 @@ from torch import nn
 
 from qwen3_scratch.config import Qwen3Config
 from qwen3_scratch.model import Qwen3Model
-from qwen3_scratch.pretrain import autocast_context, next_token_loss
+from qwen3_scratch.trainer import autocast_context, next_token_loss
 
 
 def smaller_config(config: Qwen3Config, num_hidden_layers=None, hidden_size=None, num_key_value_heads=None,

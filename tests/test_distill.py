@@ -12,7 +12,8 @@ from qwen3_scratch.distill import (DistillConfig, TopKCache, WindowBatches, dist
                                    kl_to_teacher, kl_to_topk, reverse_kl, reverse_kl_sampled, score_samples,
                                    topk_targets)
 from qwen3_scratch.model import Qwen3Model
-from qwen3_scratch.pretrain import IGNORE_INDEX, init_weights, make_optimizer, tiny_config
+from qwen3_scratch.trainer import IGNORE_INDEX, make_optimizer
+from qwen3_scratch.pretrain import init_weights, tiny_config
 
 
 def _softmax(z):

@@ -9,9 +9,11 @@ import shutil
 import pytest
 import torch
 
-from qwen3_scratch import distill_cli, distill_lab, distill_plots
+from qwen3_scratch import distill_cli
+from qwen3_scratch.lab import student_plots as distill_plots
+from qwen3_scratch.lab import students as distill_lab
 from qwen3_scratch.model import Qwen3Model
-from qwen3_scratch.pretrain import SHIPPED_MODEL, init_weights, tiny_config
+from qwen3_scratch.pretrain import init_weights, SHIPPED_MODEL, tiny_config
 from qwen3_scratch.weights import save_pretrained
 
 
@@ -80,9 +82,9 @@ def test_estimate_adds_up(tiny_teacher):
 
 
 def test_lab_cli_refuses(tmp_path, capsys):
-    assert distill_lab.lab_main(["--teacher", str(tmp_path / "nope"), "--quick"]) == 2
+    assert distill_lab.main(["--teacher", str(tmp_path / "nope"), "--quick"]) == 2
     assert "nope" in capsys.readouterr().err
-    assert distill_lab.lab_main(["--quick", "--tokens", "10"]) == 2
+    assert distill_lab.main(["--quick", "--tokens", "10"]) == 2
     assert "--tokens" in capsys.readouterr().err
 
 

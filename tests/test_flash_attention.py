@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from qwen3_scratch.attention import ATTENTION_FUNCTIONS, attention_eager, attention_sdpa, causal_mask
 from qwen3_scratch.flash_attention import (combine_partials, flash_attention, flash_attention_backward,
                                            flash_attention_forward, flash_decode, online_softmax)
-from qwen3_scratch.flash_bench import attention_traffic, memory_sweep, peak_bytes
+from qwen3_scratch.lab.flash_bench import attention_traffic, memory_sweep, peak_bytes
 from qwen3_scratch.generate import generate
 from qwen3_scratch.model import Qwen3Model, build_mask
 from qwen3_scratch.triton_attention import triton_flash_attention, triton_flash_decode, triton_unavailable

@@ -9,7 +9,7 @@ import torch
 
 from qwen3_scratch.config import Qwen3Config
 from qwen3_scratch.model import Qwen3Model
-from qwen3_scratch.spec_bench import main, predicted_speedup
+from qwen3_scratch.lab.spec_bench import main, predicted_speedup
 from qwen3_scratch.utils import package_dir
 from qwen3_scratch.weights import save_pretrained
 

@@ -47,7 +47,7 @@ def write_checkpoint(cache: Path, tiny: bool) -> Path:
 def decode(out: str, device: str, batches, compile: bool, tiny: bool, new_tokens: int) -> dict:
     """Load the checkpoint through the Hub resolver (offline, bf16 on CUDA), then time every generate path at each
     batch size in one round-robin; write <out>.json and <out>.csv after each batch size (a timeout keeps the rest)."""
-    from qwen3_scratch.bench import generate_paths, result_row, spread, time_samples, weight_bytes_per_token
+    from qwen3_scratch.lab.bench import generate_paths, result_row, spread, time_samples, weight_bytes_per_token
     from qwen3_scratch.utils import default_threads, device_name
     from qwen3_scratch.weights import load_pretrained
     torch.set_num_threads(default_threads())  # the CLI's and the notebooks' default (QWEN3_SCRATCH_THREADS)
@@ -85,7 +85,7 @@ def flash(out: str, device: str, tiny: bool) -> dict:
     against float64 attention beside SDPA's, causal-forward TFLOP/s for T = 512 ... 16,384 and decode-step time for
     caches of those lengths, both beside SDPA's flash backend. --tiny: a few seconds on a CPU, in Triton's interpreter.
     Writes <out>.json and <out>.csv after each step (a timeout keeps the rest)."""
-    from qwen3_scratch.flash_bench import kernel_rows
+    from qwen3_scratch.lab.flash_bench import kernel_rows
     from qwen3_scratch.triton_attention import TRITON_VERSION
     from qwen3_scratch.utils import default_threads, device_name
     torch.set_num_threads(default_threads())
@@ -109,7 +109,7 @@ def flash(out: str, device: str, tiny: bool) -> dict:
 
 
 def _write(stem: str, results: dict) -> None:
-    from qwen3_scratch.bench import CSV_FIELDS
+    from qwen3_scratch.lab.bench_run import CSV_FIELDS
     import csv
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
