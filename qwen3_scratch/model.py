@@ -119,6 +119,9 @@ class Qwen3Model(nn.Module):
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
         past = kv_cache.pos if kv_cache is not None else 0
+        if position_ids is None and past + T > self.config.max_position_embeddings:  # RoPE's angles stay in range
+            raise ValueError(f"positions 0..{past + T - 1} go past the context window, "
+                             f"max_position_embeddings={self.config.max_position_embeddings}")
         if position_ids is None:
             if attention_mask is not None:  # pads do not count, so a padded row gets the same positions
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]

@@ -259,3 +259,18 @@ def test_untying_adds_exactly_the_lm_head():
     tied = config_param_counts(Qwen3Config.from_preset("0.6B"))
     untied = config_param_counts(Qwen3Config.from_preset("0.6B", tie_word_embeddings=False))
     assert untied["total"] - tied["total"] == 151_936 * 1024 == untied["lm_head"]
+
+
+def test_positions_past_the_context_window_are_refused():
+    """RoPE's angles are only trained up to max_position_embeddings: a longer input, with or without a cache, is a
+    one-line error naming the limit, on every path (not only where generate checks it)."""
+    cfg = Qwen3Config(**{**tiny_kwargs(), "max_position_embeddings": 16})
+    model = Qwen3Model(cfg).eval()
+    with torch.no_grad():
+        assert model(torch.zeros(1, 16, dtype=torch.long)).shape[1] == 16  # exactly the window is fine
+        with pytest.raises(ValueError, match=r"positions 0..16 go past the context window, max_position_embeddings=16"):
+            model(torch.zeros(1, 17, dtype=torch.long))
+        cache = KVCache(cfg.num_hidden_layers, 1, 16, cfg.num_key_value_heads, cfg.head_dim)
+        model(torch.zeros(1, 10, dtype=torch.long), kv_cache=cache)
+        with pytest.raises(ValueError, match=r"positions 0..16 go past"):
+            model(torch.zeros(1, 7, dtype=torch.long), kv_cache=cache)
