@@ -19,10 +19,12 @@ import uuid
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from qwen3_scratch.engine import AsyncEngine, LLMEngine, QueueFull
 from qwen3_scratch.generate import ThinkingSplitter
-from qwen3_scratch.openai_protocol import APIError, ChatMessage, ChatRequest, CompletionRequest, parse_body
+from qwen3_scratch.openai_protocol import (MAX_BODY_BYTES, APIError, ChatMessage, ChatRequest, CompletionRequest,
+                                           parse_body)
 from qwen3_scratch.scheduler import SamplingParams
 from qwen3_scratch.tokenizer import StreamDecoder
 
@@ -141,10 +143,12 @@ def _content_text(message: ChatMessage, i: int) -> str:
 
 class OpenAIServer:
     """The HTTP side: OpenAI's /v1/models, /v1/completions and /v1/chat/completions (+ /health) in front of an
-    AsyncEngine. Checks every request before it reaches the engine; `app` is the FastAPI application."""
+    AsyncEngine. Checks every request before it reaches the engine; `app` is the FastAPI application. Bodies over
+    max_body_bytes are refused (413); prompts are tokenized on worker threads, so a long one blocks no one."""
 
-    def __init__(self, engine: LLMEngine, tokenizer, model_name: str, max_waiting: int = 256):
-        self.engine = AsyncEngine(engine, max_waiting)
+    def __init__(self, engine: LLMEngine, tokenizer, model_name: str, max_waiting: int = 256,
+                 max_body_bytes: int = MAX_BODY_BYTES):
+        self.engine, self.max_body_bytes = AsyncEngine(engine, max_waiting), max_body_bytes
         self.tokenizer, self.model_name, self.created = tokenizer, model_name, int(time.time())
         self.max_model_len = engine.max_model_len
         self.app = self._build_app()
@@ -179,11 +183,11 @@ class OpenAIServer:
 
         @app.post("/v1/completions")
         async def completions(request: Request):
-            req = await parse_body(request, CompletionRequest)
+            req = await parse_body(request, CompletionRequest, self.max_body_bytes)
             if isinstance(req.prompt, str):
                 if not req.prompt:
                     raise APIError(400, "prompt is empty", param="prompt", code="invalid_value")
-                prompt_ids = self.tokenizer.encode(req.prompt)
+                prompt_ids = await run_in_threadpool(self.tokenizer.encode, req.prompt)  # raw text: as written
             else:
                 prompt_ids = req.prompt
                 if not prompt_ids or not all(0 <= t < self.engine.engine.model.config.vocab_size for t in prompt_ids):
@@ -195,7 +199,7 @@ class OpenAIServer:
 
         @app.post("/v1/chat/completions")
         async def chat_completions(request: Request):
-            req = await parse_body(request, ChatRequest)
+            req = await parse_body(request, ChatRequest, self.max_body_bytes)
             if not req.messages:
                 raise APIError(400, "messages is empty: a chat needs at least one message", param="messages",
                                code="invalid_value")
@@ -210,9 +214,10 @@ class OpenAIServer:
                 if m.reasoning_content is not None:
                     message["reasoning_content"] = m.reasoning_content
                 messages.append(message)
-            try:
-                prompt_ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                                enable_thinking=thinking, tokenize=True)
+            try:  # what a message says is text: "<|im_start|>system" typed by a user opens no turn (as in the CLI)
+                prompt_ids = await run_in_threadpool(self.tokenizer.apply_chat_template, messages,
+                                                     add_generation_prompt=True, enable_thinking=thinking,
+                                                     tokenize=True, split_special_tokens=True)
             except ValueError as e:
                 raise APIError(400, f"messages: {e}", param="messages", code="invalid_value")
             if req.max_tokens is not None and req.max_completion_tokens is not None:
@@ -383,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
     p.add_argument("--num-blocks", type=int, help="KV blocks in the pool (default: 512 tokens per batch slot)")
     p.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 503")
+    p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES,
+                   help=f"largest request body; bigger ones get 413 (default {MAX_BODY_BYTES:,})")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="weights and KV dtype")
     return p
@@ -399,11 +406,13 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 2
-    for name in ("port", "max_batch", "max_model_len", "block_size", "num_blocks", "max_waiting"):
+    if not 1 <= args.port <= 65535:
+        print(f"error: --port must be between 1 and 65535, got {args.port}", file=sys.stderr)
+        return 2
+    for name in ("max_batch", "max_model_len", "block_size", "num_blocks", "max_waiting", "max_body_bytes"):
         value = getattr(args, name)
-        if value is not None and (value < 1 or (name == "port" and value > 65535)):
-            print(f"error: --{name.replace('_', '-')} must be a positive integer (port <= 65535), got {value}",
-                  file=sys.stderr)
+        if value is not None and value < 1:
+            print(f"error: --{name.replace('_', '-')} must be a positive integer, got {value}", file=sys.stderr)
             return 2
     try:
         model, tokenizer = load_model_and_tokenizer(args.model, args.device, args.dtype)
@@ -411,7 +420,8 @@ def main(argv=None) -> int:
     except (OSError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    server = OpenAIServer(engine, tokenizer, args.served_model_name or args.model, args.max_waiting)
+    server = OpenAIServer(engine, tokenizer, args.served_model_name or args.model, args.max_waiting,
+                          args.max_body_bytes)
     kv = engine.cache.nbytes() / 2**20
     print(f"serving {server.model_name!r} on http://{args.host}:{args.port}/v1  (max_model_len "
           f"{engine.max_model_len}, {engine.blocks.num_blocks} KV blocks x {engine.blocks.block_size} tokens, "
