@@ -310,8 +310,7 @@ def _model_config(vocab_size: int, hidden_size: int, layers: int, seq_len: int) 
 
 
 def _training_bytes(sizes: dict) -> int:
-    """Bytes (a lower bound) to train with sizes {flag: value} of --vocab-size, --hidden-size, --layers, --seq-len
-    and --batch-size: weights, gradients, AdamW state, activations and logits."""
+    """Bytes (a lower bound) to train with sizes {flag: value} of the five size flags (memory.training_memory)."""
     cfg = _model_config(*(sizes[f] for f in ("--vocab-size", "--hidden-size", "--layers", "--seq-len")))
     return training_memory(cfg, batch_size=sizes["--batch-size"], seq_len=sizes["--seq-len"])["total"]
 
