@@ -6,7 +6,7 @@ price, against what this machine has (/proc/meminfo and the cgroup limit on Linu
 free memory). The commands refuse, naming the flag, a run that cannot fit. Chapter 00 owns it; train (12),
 finetune (13) and serve (17) call it. Reference: Rajbhandari et al. (2020), ZeRO, section 3, for 16 bytes/parameter."""
 
-__all__ = ['MemoryBudgetError', 'param_count', 'training_memory', 'machine_memory', 'gib', 'check_memory']
+__all__ = ['MemoryBudgetError', 'param_count', 'training_memory', 'kv_cache_bytes', 'machine_memory', 'gib', 'check_memory']
 
 
 # %% notebooks/00_setup.ipynb
@@ -54,6 +54,11 @@ def training_memory(cfg, lora=None, batch_size: int = 1, seq_len: int = 1024, ba
     mem = dict(weights=weights, gradients=4 * trainable, optimizer=8 * trainable,
                activations=2 * saved * L * tokens, logits=(2 + 4 + 4) * V * tokens)
     return dict(mem, total=sum(mem.values()), trainable=trainable, parameters=params)
+
+
+def kv_cache_bytes(cfg, tokens: int, dtype_bytes: int = 2) -> int:
+    """Bytes of a KV cache holding `tokens` tokens for every layer: a key and a value of K x Dh each (chapter 9)."""
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * tokens * dtype_bytes
 
 
 def _meminfo() -> tuple[int, int] | None:

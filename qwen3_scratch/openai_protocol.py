@@ -50,6 +50,7 @@ class ChatRequest(_Request):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
     chat_template_kwargs: dict | None = None
+    thinking_budget: int | None = None  # most reasoning tokens before </think> is forced (not OpenAI's)
 
 
 # %% notebooks/17_serving.ipynb

@@ -219,6 +219,9 @@ BAD = [  # (body changes, expected status, the field the error must name)
     ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages.0.role"),
     ({"messages": [{"role": "user", "content": 42}]}, 400, "messages.0.content"),
     ({"chat_template_kwargs": {"enable_thinking": "maybe"}}, 400, "chat_template_kwargs.enable_thinking"),
+    ({"thinking_budget": -1}, 400, "thinking_budget"),
+    ({"thinking_budget": 1.5}, 400, "thinking_budget"),
+    ({"thinking_budget": 8}, 200, "thinking_budget"),
     ({"model": None}, 400, "model"),
     ({"temperature": None, "n": None, "stream": None, "top_p": None, "seed": None}, 200, None),  # nulls mean defaults
 ]
@@ -412,3 +415,30 @@ def test_serve_command(model, tmp_path):
         proc.terminate()
         _, err = proc.communicate(timeout=30)
     assert "127.0.0.1" in err and proc.returncode is not None
+
+
+def test_num_blocks_priced_and_refused_before_the_pool_is_allocated(model, tok, capsys):
+    """Issue 21: serve --num-blocks 1e9 allocated 5.4 GB with no error. Now the pool is priced first."""
+    from qwen3_scratch.memory import MemoryBudgetError
+    t0 = time.perf_counter()
+    with pytest.raises(MemoryBudgetError, match=r"^--num-blocks 1000000000: the KV cache needs at least"):
+        build_engine(model, max_batch=2, max_model_len=64, block_size=16, num_blocks=10**9)
+    assert time.perf_counter() - t0 < 5, "refused by arithmetic, not by trying"
+
+
+def test_thinking_budget_closes_the_thought_after_that_many_tokens(model, tok):
+    """A budget of B: after <think> (generated, or opening the prompt), the (B+1)-th token is a forced </think>;
+    the answer goes on after it. Without a budget nothing is forced."""
+    from qwen3_scratch.scheduler import SamplingParams
+    think, end = tok.think_id, tok.end_think_id
+    prompt = tok.encode("Hello there") + [think]
+    for budget in (0, 3):
+        engine = build_engine(model, max_batch=2, max_model_len=64, block_size=8)
+        out, = engine.run([(prompt, SamplingParams(max_tokens=8, temperature=0, thinking_budget=budget,
+                                                   think_ids=(think, end)))])
+        assert out[budget] == end and end not in out[:budget] and len(out) == 8, (budget, out)
+    free, = build_engine(model, max_batch=2, max_model_len=64, block_size=8).run(
+        [(prompt, SamplingParams(max_tokens=8, temperature=0))])
+    assert end not in free, "no budget, nothing forced"
+    with pytest.raises(ValueError, match="thinking_budget"):
+        SamplingParams(thinking_budget=2)
