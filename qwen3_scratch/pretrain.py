@@ -319,10 +319,11 @@ _RUN_FILES = ("tokenizer.json", "tokenizer_config.json", "config.json", "model.s
               "model.safetensors.index.json", "training_state.json", "training_state.safetensors")
 
 
-def _run_file(p: Path) -> bool:
-    """A file a run writes: its checkpoint, tokenizer, metrics, a shard, a temporary file, FSDP's sharded/."""
-    return (p.name in _RUN_FILES or (p.name.startswith("model-") and p.suffix == ".safetensors")
-            or (p.name.startswith(".") and p.name.endswith(".tmp")) or p.name == "sharded")
+def _run_file(p: Path, weights: bool = True) -> bool:
+    """A file a run writes: its tokenizer, a temporary file; with weights, also its checkpoint, metrics, shards and
+    FSDP's sharded/. (A folder of only the first kind, from a run killed before its first checkpoint, is reused.)"""
+    return (p.name in _RUN_FILES[:2] or (p.name.startswith(".") and p.name.endswith(".tmp"))) or weights and (
+        p.name in _RUN_FILES or (p.name.startswith("model-") and p.suffix == ".safetensors") or p.name == "sharded")
 
 
 def plan_training(args, state_dir: Path | None = None) -> tuple[dict | None, str | None]:
@@ -357,8 +358,8 @@ def plan_training(args, state_dir: Path | None = None) -> tuple[dict | None, str
             saved = (read_training_state(out) if state_dir is None else read_json_object(state))["train_config"]
             Qwen3Config.from_hf(out)  # the model's shape, read again by pretrain()
         elif (out / "training_state.json").exists():
-            return None, f"--out {out}: folder is not empty: it holds a checkpoint; pass --resume to continue it, or choose another"
-        elif out.is_dir() and not all(map(_run_file, out.iterdir())):  # only an unfinished run's files: reused
+            return None, f"--out {out}: not empty, it holds a checkpoint; pass --resume to continue it or choose another"
+        elif out.is_dir() and not all(_run_file(p, weights=False) for p in out.iterdir()):  # weights or other
             return None, f"--out {out}: folder exists and is not empty (other files); choose a new or empty folder"
     except (ValueError, OSError, RuntimeError) as e:  # CheckpointError, MemoryBudgetError; a bad --device
         return None, " ".join(str(e).split())
@@ -393,11 +394,10 @@ def plan_training(args, state_dir: Path | None = None) -> tuple[dict | None, str
     return dict(train_texts=train_texts, val_texts=val_texts, cfg=cfg, model_config=model_config, bpe=bpe), None
 
 
-def _remove_unfinished_run(out: Path, created: bool) -> None:
-    """Delete the files a fresh run writes (those of an unfinished run included: plan_training let only them
-    through), so that a failed run leaves nothing that refuses the next run into the same folder."""
+def _remove_unfinished_run(out: Path, created: bool, weights: bool = True) -> None:
+    """Delete the files a fresh run writes, so that a failed run leaves nothing that refuses the next run."""
     for p in list(out.iterdir()) if out.is_dir() else []:
-        if _run_file(p):
+        if _run_file(p, weights):
             shutil.rmtree(p) if p.is_dir() else p.unlink()
     if created and out.is_dir() and not any(out.iterdir()):
         out.rmdir()
@@ -412,7 +412,7 @@ def run_training(args, plan: dict, parallel=None) -> int:
     out = Path(args.out)
     created, rank0 = not out.exists(), parallel is None or parallel.rank == 0
     if not args.resume and rank0:
-        _remove_unfinished_run(out, created=False)  # an earlier run's leftovers (a killed run, no checkpoint)
+        _remove_unfinished_run(out, False, weights=False)  # a killed run's tokenizer and temporary files
     try:
         metrics = pretrain(plan["train_texts"], plan["val_texts"], args.out, plan["cfg"], plan["model_config"],
                            vocab_size=args.vocab_size, resume=args.resume, device=args.device, bpe=plan["bpe"],

@@ -377,6 +377,12 @@ def test_cli_reuses_a_folder_that_holds_only_an_unfinished_runs_files(text_file,
     (other / "notes.txt").write_text("mine")
     status, _, err = _cli(["--text", str(text_file), "--out", str(other), *SMALL], capsys)
     assert status == 2 and "not empty" in err and (other / "notes.txt").read_text() == "mine", err
+    model = tmp_path / "model"  # weights without a training state (finetune --merge wrote it): never reused
+    model.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (model / name).write_text("x")
+    status, _, err = _cli(["--text", str(text_file), "--out", str(model), *SMALL], capsys)
+    assert status == 2 and "not empty" in err and len(list(model.iterdir())) == 3, err
 
 
 def test_cli_output_files_share_one_mode(trained):
