@@ -5,13 +5,14 @@ the file), single or sharded folders (pickles refused), our parameter names -> t
 config expects, and the one strict comparison of expected vs stored. Chapter 08 owns it; `weights.py` loads and
 saves with it. Reference: the safetensors format (github.com/huggingface/safetensors)."""
 
-__all__ = ['CheckpointError', 'read_safetensors_header', 'checkpoint_files', 'checkpoint_name', 'expected_tensors', 'check_tensors']
+__all__ = ['CheckpointError', 'read_safetensors_header', 'checkpoint_files', 'checkpoint_name', 'expected_tensors', 'check_tensors', 'warn_non_finite']
 
 
 # %% notebooks/08_weights.ipynb
 import json
 import math
 import struct
+import warnings
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
@@ -234,3 +235,23 @@ def check_tensors(expected: dict, found: dict, where="checkpoint") -> None:
     if problems:
         raise CheckpointError(f"{where} does not match the model:\n" + "\n".join(
             f"  {label} ({len(items)}): {_names(items)}" for label, items in problems))
+
+
+def warn_non_finite(tensors: dict, files: dict) -> None:
+    """Warn, naming each tensor and its file, when a loaded tensor ({checkpoint name: tensor}, files: {name: its
+    file}) holds NaN or inf: weights.py checks float checkpoints, quant.py the scales and zeros of quantized ones.
+    Cheap: one fp32 sum per tensor and one device sync in all; only tensors whose sum is not finite are counted
+    exactly (a sum can overflow on large finite values)."""
+    if not tensors:
+        return
+    sums = torch.stack([t.sum(dtype=torch.float32) for t in tensors.values()])  # (N,)
+    suspects = [name for name, ok in zip(tensors, sums.isfinite().tolist()) if not ok]
+    bad = []
+    for name in suspects:
+        t = tensors[name]
+        counts = [(int(t.isnan().sum()), "NaN"), (int(t.isinf().sum()), "inf")]
+        if any(n for n, _ in counts):
+            what = " and ".join(f"{n:,} {kind}" for n, kind in counts if n)
+            bad.append(f"{name} holds {what} values (in {Path(files[name]).name})")
+    if bad:
+        warnings.warn(f"non-finite weights loaded (the model will produce NaN): {'; '.join(bad)}")

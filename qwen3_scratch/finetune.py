@@ -12,6 +12,7 @@ __all__ = ['CONTROL_TEXT', 'ChatDataError', 'check_conversation', 'read_chat_jso
 import argparse
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -23,10 +24,11 @@ from pathlib import Path
 import torch
 
 from qwen3_scratch.generate import generate
+from qwen3_scratch.memory import check_memory, training_memory
 from qwen3_scratch.lora import ALL_LINEAR, LoRAConfig, apply_lora, merge_lora, save_adapter, trainable_parameters
 from qwen3_scratch.trainer import IGNORE_INDEX, make_optimizer, train, TrainConfig
 from qwen3_scratch.tokenizer import Qwen3Tokenizer, render_chat
-from qwen3_scratch.utils import default_device, device_name
+from qwen3_scratch.utils import check_output_dir, check_seed, default_device, device_name
 from qwen3_scratch.weights import load_pretrained, read_config, resolve_checkpoint, save_pretrained
 
 
@@ -238,6 +240,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # %% notebooks/13_finetuning.ipynb
+def _check_memory(args, config) -> None:
+    """Refuse (MemoryBudgetError naming the flag) a run that cannot fit where it would train, before loading."""
+    device = torch.device(args.device) if args.device else default_device()
+    base_bytes = 2 if device.type == "cuda" else 4  # the frozen base: bf16 on a GPU, fp32 elsewhere (see main)
+
+    def estimate(v):
+        lora = LoRAConfig(r=v["--lora-rank"], target_modules=args.targets.split(",")) if v["--lora-rank"] else None
+        return training_memory(config, lora, v["--batch-size"], v["--max-len"], base_bytes)["total"]
+    sizes = {"--lora-rank": args.lora_rank, "--batch-size": args.batch_size, "--max-len": args.max_len}
+    defaults = {f: build_parser().get_default(f[2:].replace("-", "_")) for f in sizes}
+    check_memory(estimate(sizes), sizes, estimate, defaults, "this fine-tuning run", device)
+
+
 def main(argv=None) -> int:
     """`python -m qwen3_scratch finetune --model DIR --data FILE.jsonl --out DIR2 [--lora-rank R] [--merge]
     [--steps N]`. Checks everything (arguments, output folder, every data line) before loading the model; writes
@@ -251,19 +266,25 @@ def main(argv=None) -> int:
         return _error(f"--lora-rank must be >= 0 (0 = full fine-tuning), got {args.lora_rank}")
     if args.merge and args.lora_rank == 0:
         return _error("--merge merges a LoRA adapter; with --lora-rank 0 the output is already a full checkpoint")
+    for flag, value in (("--lr", args.lr), ("--lora-alpha", args.lora_alpha)):
+        if value is not None and not (math.isfinite(value) and value > 0):  # inf or nan would train NaN weights
+            return _error(f"{flag} must be a positive, finite number, got {value}")
     out = Path(args.out)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         return _error(f"--out {out}: exists and is not an empty folder; nothing was overwritten")
     lora = None
     try:
+        check_seed(args.seed)
+        check_output_dir(out, "--out")
         if args.lora_rank:
             lora = LoRAConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or 2 * args.lora_rank,
                               lora_dropout=args.lora_dropout, target_modules=args.targets.split(","))
         model_dir = resolve_checkpoint(args.model)
-        read_config(model_dir)  # a broken config.json is reported before anything else is read
+        config, _ = read_config(model_dir)  # a broken config.json is reported before anything else is read
+        _check_memory(args, config)
         tokenizer = Qwen3Tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else Qwen3Tokenizer()
         conversations = read_chat_jsonl(args.data)
-    except (ValueError, OSError) as e:  # ChatDataError and CheckpointError are ValueErrors
+    except (ValueError, OSError, RuntimeError) as e:  # ChatDataError, CheckpointError, MemoryBudgetError; --device
         return _error(str(e))
     examples, stats = encode_conversations(tokenizer, conversations, args.max_len)
     if not examples:
@@ -322,21 +343,4 @@ def finetune_memory(cfg, lora: LoRAConfig | None = None, batch_size: int = 1, se
     gradients, optimizer moments, activations kept for backward (SDPA, no checkpointing) and logits.
     Full: fp32 weights, gradients and moments (16 bytes/parameter). LoRA: a frozen base of base_bytes/parameter,
     16 bytes per adapter parameter. A lower bound: allocator slack and the CUDA context come on top."""
-    from qwen3_scratch.model import config_param_counts
-    D, I, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
-    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    params = config_param_counts(cfg)["total"]
-    shapes = {"q_proj": (D, q), "k_proj": (D, kv), "v_proj": (D, kv), "o_proj": (q, D), "gate_proj": (D, I),
-              "up_proj": (D, I), "down_proj": (I, D)}  # (in, out) of each linear layer of a block
-    if lora is None:
-        trainable, weights = params, 4 * params
-    else:
-        block = {n: "self_attn" if n in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp" for n in shapes}
-        chosen = [n for n in shapes if lora.matches(f"model.layers.0.{block[n]}.{n}")]  # the same in every layer
-        trainable = L * sum(lora.r * sum(shapes[n]) for n in chosen)
-        weights = base_bytes * params + 4 * trainable
-    tokens = batch_size * seq_len
-    saved = 6 * D + 5 * q + 6 * kv + 5 * I  # bf16 elements one block keeps per token (inputs, q/k/v, SwiGLU parts)
-    mem = dict(weights=weights, gradients=4 * trainable, optimizer=8 * trainable,
-               activations=2 * saved * L * tokens, logits=(2 + 4 + 4) * V * tokens)
-    return dict(mem, total=sum(mem.values()), trainable=trainable, parameters=params)
+    return training_memory(cfg, lora, batch_size, seq_len, base_bytes)  # chapter 00's arithmetic

@@ -4,7 +4,7 @@
 fields we do not use, as vLLM's do), and the error object answered for what a client got wrong, naming the field.
 Reference: OpenAI's API reference; vLLM's entrypoints/openai/protocol.py."""
 
-__all__ = ['StreamOptions', 'CompletionRequest', 'ChatMessage', 'ChatRequest', 'APIError', 'parse_body']
+__all__ = ['StreamOptions', 'CompletionRequest', 'ChatMessage', 'ChatRequest', 'APIError', 'MAX_BODY_BYTES', 'read_body', 'parse_body']
 
 
 # %% notebooks/17_serving.ipynb
@@ -50,6 +50,7 @@ class ChatRequest(_Request):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
     chat_template_kwargs: dict | None = None
+    thinking_budget: int | None = None  # most reasoning tokens before </think> is forced (not OpenAI's)
 
 
 # %% notebooks/17_serving.ipynb
@@ -71,11 +72,33 @@ class APIError(Exception):
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "list[str]", "list[int]", "list[dict[str,any]]"}
 
 
-async def parse_body(request: Request, schema):
-    """The JSON body, validated against a pydantic schema; any problem is an APIError naming the field."""
+MAX_BODY_BYTES = 4 * 2**20  # a whole 131,072-token context fits in well under 1 MB of JSON
+
+
+async def read_body(request: Request, max_bytes: int = MAX_BODY_BYTES) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed max_bytes: from its Content-Length
+    before any of it is read, or, for a chunked body, once the chunks received add up to more."""
+    def too_large(size):
+        return APIError(413, f"the request body ({size}) is larger than this server's limit of {max_bytes:,} bytes "
+                        "(serve --max-body-bytes)", code="request_too_large")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > max_bytes:
+        raise too_large(f"{int(length):,} bytes")
+    parts, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise too_large(f"more than {max_bytes:,} bytes")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+async def parse_body(request: Request, schema, max_bytes: int = MAX_BODY_BYTES):
+    """The JSON body (at most max_bytes), validated against a pydantic schema; any problem is an APIError naming
+    the field."""
     try:
-        body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        body = json.loads(await read_body(request, max_bytes))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: [[[[... nested deep
         raise APIError(400, f"malformed JSON body: {e}", code="invalid_json")
     if not isinstance(body, dict):
         raise APIError(400, f"the body must be a JSON object, got {type(body).__name__}", code="invalid_json")

@@ -15,6 +15,7 @@ import functools
 import json
 import math
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,11 +25,14 @@ import torch
 from qwen3_scratch.config import Qwen3Config
 from qwen3_scratch.corpus import SHAKESPEARE_DIR, save_tokenizer, split_plays, train_tokenizer
 from qwen3_scratch.generate import generate
+from qwen3_scratch.memory import check_memory, training_memory
 from qwen3_scratch.model import Qwen3Model
 from qwen3_scratch.tokenizer import Qwen3Tokenizer
-from qwen3_scratch.trainer import (IGNORE_INDEX, TrainConfig, evaluate, load_checkpoint, lr_at, make_optimizer,
-                                   save_checkpoint, set_activation_checkpointing, train, unwrap)
-from qwen3_scratch.utils import default_device, device_name, read_json_object, write_text_atomically
+from qwen3_scratch.trainer import (IGNORE_INDEX, TrainConfig, TrainingDiverged, checkpoint_step, evaluate,
+                                   load_checkpoint, lr_at, make_optimizer, read_training_state, save_checkpoint,
+                                   set_activation_checkpointing, train, unwrap)
+from qwen3_scratch.utils import (check_output_dir, check_seed, default_device, device_name, read_json_object,
+                                 write_text_atomically)
 
 SHIPPED_MODEL = SHAKESPEARE_DIR / "model"  # the checkpoint this chapter trains; later chapters load it
 TEACHER_MODEL = SHAKESPEARE_DIR / "teacher"  # the same recipe at 8 layers x 384, trained longer (chapter 19's teacher)
@@ -205,6 +209,8 @@ def pretrain(train_texts, val_texts, out_dir, cfg: TrainConfig | None = None, mo
                     eval_batches=lambda: batches.eval_batches(cfg.eval_tokens), on_eval=at_eval,
                     progress=progress if rank == 0 else False, log=log if rank == 0 else None, world_size=world)
     val_loss, val_targets = evaluate(model, batches.eval_batches(), cfg.autocast)  # every rank: the same numbers
+    if not math.isfinite(val_loss):  # never save the weights of a run that diverged
+        raise TrainingDiverged(f"the final validation loss is not finite ({val_loss}): training diverged")
     base = ngram_baselines(train_ids, val_ids, tokenizer.vocab_size)
     val_chars = sum(map(len, val_texts))
     bpc = functools.partial(bits_per_char, tokens=val_targets, chars=val_chars)
@@ -232,14 +238,16 @@ def pretrain(train_texts, val_texts, out_dir, cfg: TrainConfig | None = None, mo
 
 
 # %% notebooks/12_pretraining.ipynb
-def _error(message: str) -> int:
+def _error(message: str, status: int = 2) -> int:
     print(f"error: {message}", file=sys.stderr)
-    return 2
+    return status
 
 
 def read_texts(paths) -> tuple[list[str] | None, str | None]:
     texts = []
     for p in map(Path, paths):
+        if p.is_dir():
+            return None, f"{p}: is a folder; give the text files in it (--text {p}/*.txt)"
         if not p.is_file():
             return None, f"{p}: no such file"
         raw = p.read_bytes()
@@ -294,9 +302,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _model_config(vocab_size: int, hidden_size: int, layers: int, seq_len: int) -> Qwen3Config:
+    """The shape `train` builds from its flags: heads of 64 dims, half as many KV heads, an FFN 2.5 x wide."""
+    return tiny_config(vocab_size, hidden_size=hidden_size, num_hidden_layers=layers,
+                       num_attention_heads=hidden_size // 64, num_key_value_heads=max(1, hidden_size // 128),
+                       intermediate_size=hidden_size * 5 // 2, max_position_embeddings=max(512, seq_len))
+
+
+def _training_bytes(sizes: dict) -> int:
+    """Bytes (a lower bound) to train with sizes {flag: value} of the five size flags (memory.training_memory)."""
+    cfg = _model_config(*(sizes[f] for f in ("--vocab-size", "--hidden-size", "--layers", "--seq-len")))
+    return training_memory(cfg, batch_size=sizes["--batch-size"], seq_len=sizes["--seq-len"])["total"]
+
+
+_RUN_FILES = ("tokenizer.json", "tokenizer_config.json", "config.json", "model.safetensors", "metrics.json",
+              "model.safetensors.index.json", "training_state.json", "training_state.safetensors")
+
+
+def _run_file(p: Path, weights: bool = True) -> bool:
+    """A file a run writes: its tokenizer, a temporary file; with weights, also its checkpoint, metrics, shards and
+    FSDP's sharded/. (A folder of only the first kind, from a run killed before its first checkpoint, is reused.)"""
+    return (p.name in _RUN_FILES[:2] or (p.name.startswith(".") and p.name.endswith(".tmp"))) or weights and (
+        p.name in _RUN_FILES or (p.name.startswith("model-") and p.suffix == ".safetensors") or p.name == "sharded")
+
+
 def plan_training(args, state_dir: Path | None = None) -> tuple[dict | None, str | None]:
     """Everything checked before anything is written: ({train_texts, val_texts, cfg, model_config, bpe}, None), or
-    (None, a one-line problem naming the flag or file). state_dir: where a resumable state lives (default --out)."""
+    (None, a one-line problem naming the flag or file). state_dir: where a resumable state lives (default --out).
+    The cheap checks come first: numbers, memory, the output folder; then the text and the tokenizer."""
     d = TrainConfig()
     for name in ("steps", "batch_size", "seq_len", "hidden_size", "layers", "eval_every", "warmup_steps", "threads"):
         value = getattr(args, name)
@@ -306,14 +339,30 @@ def plan_training(args, state_dir: Path | None = None) -> tuple[dict | None, str
         return None, f"--vocab-size must be between 262 (256 bytes + special tokens + 1) and 65536, got {args.vocab_size}"
     if args.hidden_size % 64:
         return None, f"--hidden-size must be a multiple of 64 (heads of 64 dims), got {args.hidden_size}"
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        return None, f"--lr must be a positive, finite number, got {args.lr}"
     out = Path(args.out)
     state = (state_dir or out) / "training_state.json"
-    if out.exists() and not out.is_dir():
-        return None, f"--out {out}: exists and is not a folder"
-    if args.resume and not state.is_file():
-        return None, f"--resume: {state.parent} holds no training_state.json to resume from"
-    if not args.resume and out.is_dir() and any(out.iterdir()):
-        return None, f"--out {out}: folder exists and is not empty; pass --resume to continue it, or choose another"
+    try:
+        check_seed(args.seed)
+        if not args.resume:  # refuse what cannot fit in memory (a resumed run keeps the sizes it had)
+            sizes = {f: getattr(args, f[2:].replace("-", "_")) for f in ("--vocab-size", "--hidden-size", "--layers",
+                                                                          "--seq-len", "--batch-size")}
+            defaults = {f: build_parser().get_default(f[2:].replace("-", "_")) for f in sizes}
+            check_memory(_training_bytes(sizes), sizes, _training_bytes, defaults, "this run",
+                         args.device or default_device())
+        check_output_dir(out, "--out", empty=False)
+        if args.resume:
+            if not state.is_file():
+                return None, f"--resume: {state.parent} holds no training_state.json to resume from"
+            saved = (read_training_state(out) if state_dir is None else read_json_object(state))["train_config"]
+            Qwen3Config.from_hf(out)  # the model's shape, read again by pretrain()
+        elif (out / "training_state.json").exists():
+            return None, f"--out {out}: not empty, it holds a checkpoint; pass --resume to continue it or choose another"
+        elif out.is_dir() and not all(_run_file(p, weights=False) for p in out.iterdir()):  # weights or other
+            return None, f"--out {out}: folder exists and is not empty (other files); choose a new or empty folder"
+    except (ValueError, OSError, RuntimeError) as e:  # CheckpointError, MemoryBudgetError; a bad --device
+        return None, " ".join(str(e).split())
     if args.corpus == "shakespeare":
         train_plays, val_plays = split_plays()
         train_texts, val_texts = list(train_plays.values()), list(val_plays.values())
@@ -327,8 +376,10 @@ def plan_training(args, state_dir: Path | None = None) -> tuple[dict | None, str
                               lr=args.lr, min_lr=args.lr / 10, eval_every=args.eval_every, warmup_steps=warmup)
     bpe = None
     if args.resume:
-        saved = read_json_object(state)["train_config"]
-        cfg = dataclasses.replace(TrainConfig(**saved), steps=args.steps)
+        try:
+            cfg = dataclasses.replace(TrainConfig(**saved), steps=args.steps)
+        except TypeError as e:
+            return None, f"{state}: train_config: {e}"
     else:  # the tokenizer is cheap to train: do it here to check the text is long enough before writing anything
         bpe = train_tokenizer(train_texts, args.vocab_size)
         n_train = sum(len(bpe.encode(t).ids) + 1 for t in train_texts)
@@ -339,25 +390,51 @@ def plan_training(args, state_dir: Path | None = None) -> tuple[dict | None, str
                           f"--seq-len + 1 = {cfg.seq_len + 1}")
         if n_val < 2:
             return None, f"{what}: text too short: the held-out part has {n_val} token(s)"
-    model_config = tiny_config(args.vocab_size, hidden_size=args.hidden_size, num_hidden_layers=args.layers,
-                               num_attention_heads=args.hidden_size // 64,
-                               num_key_value_heads=max(1, args.hidden_size // 128),
-                               intermediate_size=args.hidden_size * 5 // 2,
-                               max_position_embeddings=max(512, cfg.seq_len))
+    model_config = _model_config(args.vocab_size, args.hidden_size, args.layers, cfg.seq_len)
     return dict(train_texts=train_texts, val_texts=val_texts, cfg=cfg, model_config=model_config, bpe=bpe), None
 
 
+def _remove_unfinished_run(out: Path, created: bool, weights: bool = True) -> None:
+    """Delete the files a fresh run writes, so that a failed run leaves nothing that refuses the next run."""
+    for p in list(out.iterdir()) if out.is_dir() else []:
+        if _run_file(p, weights):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    if created and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+
+
 def run_training(args, plan: dict, parallel=None) -> int:
-    """pretrain() with the plan; one summary line (from rank 0 under torchrun)."""
+    """pretrain() with the plan; one summary line (from rank 0 under torchrun). A run that stops early (Ctrl-C:
+    status 130; divergence, a damaged checkpoint, a full disk: 1) says in one line where its last checkpoint is,
+    or, when it had written none, removes what it wrote."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    created, rank0 = not out.exists(), parallel is None or parallel.rank == 0
+    if not args.resume and rank0:
+        _remove_unfinished_run(out, False, weights=False)  # a killed run's tokenizer and temporary files
     try:
         metrics = pretrain(plan["train_texts"], plan["val_texts"], args.out, plan["cfg"], plan["model_config"],
                            vocab_size=args.vocab_size, resume=args.resume, device=args.device, bpe=plan["bpe"],
                            parallel=parallel)
-    except ValueError as e:
-        return _error(str(e))
-    if parallel is None or parallel.rank == 0:
+    except (KeyboardInterrupt, ValueError, OSError) as e:
+        interrupted = isinstance(e, KeyboardInterrupt)
+        status = 130 if interrupted else 1
+        if not rank0:
+            return status
+        what = "interrupted" if interrupted else " ".join(str(e).split())
+        step = checkpoint_step(parallel.state_dir(out) if parallel is not None else out)
+        diverged = isinstance(e, TrainingDiverged)
+        if step is not None and (args.resume or not diverged):
+            then = "from before that, unchanged" if diverged else "continue it with --resume"
+            return _error(f"{what}; the last checkpoint, step {step}, is in {out}: {then}", status)
+        if not args.resume:  # nothing to continue: a diverged run's checkpoints would diverge again (same --lr)
+            _remove_unfinished_run(out, created)
+            why = "" if diverged else (
+                f" (no checkpoint yet: one every --eval-every {plan['cfg'].eval_every} steps)")
+            return _error(f"{what}; nothing was kept in {out}{why}", status)
+        return _error(what, status)
+    if rank0:
         b = metrics["baselines"]
         print(f"wrote {args.out}: val {metrics['val_loss']:.3f} nats/token, {metrics['val_bpc']:.3f} bits/char "
               f"(bigram {b['bigram']['val_loss']:.3f} / {b['bigram']['val_bpc']:.3f}), {metrics['steps']} steps, "

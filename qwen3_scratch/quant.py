@@ -23,7 +23,8 @@ from qwen3_scratch.config import Qwen3Config
 from qwen3_scratch.model import Qwen3Model
 from qwen3_scratch.utils import (default_device, parse_dtype, read_json_object, write_atomically,
                                  write_text_atomically)
-from qwen3_scratch.checkpoint import CheckpointError, _config_json, checkpoint_name, read_safetensors_header
+from qwen3_scratch.checkpoint import (CheckpointError, _config_json, checkpoint_name, read_safetensors_header,
+                                      warn_non_finite)
 
 SCHEMES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
@@ -229,8 +230,9 @@ def check_scheme(scheme: str, group_size: int = 64) -> int:
     """'int8' | 'int4' -> bits; refuses anything else by name."""
     if scheme not in SCHEMES:
         raise ValueError(f"quantize={scheme!r}: choose one of {', '.join(SCHEMES)}")
-    if scheme == "int4" and group_size not in GROUP_SIZES:
-        raise ValueError(f"group_size={group_size!r}: int4 groups must be one of {GROUP_SIZES}")
+    if scheme == "int4" and (isinstance(group_size, bool) or not isinstance(group_size, int)
+                             or group_size not in GROUP_SIZES):  # 64.0 == 64, but cannot shape a tensor
+        raise ValueError(f"group_size={group_size!r}: int4 groups must be one of {GROUP_SIZES} (an int)")
     return 8 if scheme == "int8" else 4
 
 
@@ -382,6 +384,9 @@ def load_quantized(directory, device=None, dtype=None, kernels: bool = True, sch
             t = f.get_tensor(name)
             # a fresh, aligned copy: the CPU kernels read with wide vector loads, the file's offsets are arbitrary
             state[ours[name]] = t.to(dtype) if ours[name].endswith("norm.weight") else t.clone()
+    # a NaN scale or an inf zero turns whole rows into NaN: say so, as chapter 8 does for float weights
+    floats = {k: state[ours[k]] for k in header if state[ours[k]].is_floating_point()}
+    warn_non_finite(floats, dict.fromkeys(floats, path))
     model.load_state_dict(state, strict=False, assign=True)
     if tied:  # one set of bytes for the embedding and the head, as when it was quantized
         for name in ("qweight", "scale", "zero"):

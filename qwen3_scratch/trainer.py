@@ -5,7 +5,7 @@ warmup + cosine, clipping, gradient accumulation, bf16 autocast, activation chec
 MFU, resumable pickle-free checkpoints. Chapters 13, 16, 18 and 19 train with it. References: nanoGPT's train.py;
 Kaplan et al. (2020) and PaLM (2022) for FLOPs per token. Legend: B batch, T tokens, D hidden, V vocab, L layers."""
 
-__all__ = ['IGNORE_INDEX', 'next_token_loss', 'TrainConfig', 'unwrap', 'param_groups', 'lr_at', 'make_optimizer', 'autocast_context', 'moe_layers', 'forward_loss', 'train_step', 'evaluate', 'PEAK_BF16_FLOPS', 'flops_per_token', 'peak_flops', 'train', 'save_checkpoint', 'load_checkpoint', 'set_activation_checkpointing']
+__all__ = ['IGNORE_INDEX', 'next_token_loss', 'TrainConfig', 'unwrap', 'param_groups', 'lr_at', 'make_optimizer', 'autocast_context', 'moe_layers', 'forward_loss', 'train_step', 'evaluate', 'PEAK_BF16_FLOPS', 'flops_per_token', 'peak_flops', 'TrainingDiverged', 'train', 'save_checkpoint', 'read_training_state', 'checkpoint_step', 'load_checkpoint', 'set_activation_checkpointing']
 
 
 # %% notebooks/12_pretraining.ipynb
@@ -22,14 +22,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from qwen3_scratch.checkpoint import checkpoint_name
+from qwen3_scratch.checkpoint import CheckpointError, checkpoint_name, read_safetensors_header
 from qwen3_scratch.config import Qwen3Config
 from qwen3_scratch.moe import Qwen3MoE, load_balancing_loss
-from qwen3_scratch.utils import write_atomically, write_text_atomically
+from qwen3_scratch.utils import read_json_object, write_atomically, write_text_atomically
 from qwen3_scratch.weights import save_pretrained
 
 IGNORE_INDEX = -100  # targets with this id are skipped by the loss (padding, masked prompt tokens)
@@ -190,13 +191,25 @@ def peak_flops(device) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
+class TrainingDiverged(ValueError):
+    """The loss, the gradient or the weights stopped being finite numbers: nothing after this is worth saving."""
+
+
+def _finite(value: float, what: str, step: int, cfg: TrainConfig) -> None:
+    if not math.isfinite(value):
+        raise TrainingDiverged(f"{what} is not finite at step {step} ({value}): training diverged; try a lower "
+                               f"learning rate (--lr) than {cfg.lr:g}")
+
+
 def train(model: nn.Module, optimizer, scheduler, get_batch, cfg: TrainConfig, *, eval_batches=None,
           start_step: int = 0, history: dict | None = None, on_eval=None, progress: bool | None = None,
           world_size: int = 1, log=print) -> dict:
     """Train from start_step to cfg.steps. get_batch(split, step) -> (x, y); eval_batches() -> an iterable of
     (x, y) for validation (None: no validation); on_eval(step, model, history) runs after each validation.
     progress: a tqdm bar (None: only when stderr is a terminal). Returns the history (JSON-able):
-    {"train": [{step, loss, lr, grad_norm, ...}], "val": [{step, loss}], "tokens_per_s", "mfu"}."""
+    {"train": [{step, loss, lr, grad_norm, ...}], "val": [{step, loss}], "tokens_per_s", "mfu"}. A loss, gradient
+    norm, validation loss or final weight that is NaN or inf raises TrainingDiverged at once, before on_eval (which
+    saves checkpoints) can see it."""
     history = history if history is not None else {"train": [], "val": []}
     base = unwrap(model)
     device = next(base.parameters()).device
@@ -215,6 +228,8 @@ def train(model: nn.Module, optimizer, scheduler, get_batch, cfg: TrainConfig, *
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         train_time += time.perf_counter() - t0
+        _finite(stats["loss"], "the loss", step + 1, cfg)  # steps counted from 1, as the log and checkpoints do
+        _finite(stats["grad_norm"], "the gradient norm", step + 1, cfg)
         train_tokens += stats["tokens"] * world_size
         history["train"].append({"step": step, **{k: round(v, 6) for k, v in stats.items()}})
         if bar is not None:
@@ -223,6 +238,7 @@ def train(model: nn.Module, optimizer, scheduler, get_batch, cfg: TrainConfig, *
         done = step + 1
         if eval_batches is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
             val_loss, _ = evaluate(model, eval_batches(), cfg.autocast)
+            _finite(val_loss, "the validation loss", done, cfg)
             history["val"].append({"step": done, "loss": round(val_loss, 6)})
             history["tokens_per_s"] = train_tokens / train_time
             history["mfu"] = fpt * history["tokens_per_s"] / peak if peak else None
@@ -233,6 +249,10 @@ def train(model: nn.Module, optimizer, scheduler, get_batch, cfg: TrainConfig, *
                 on_eval(done, model, history)
     if bar is not None:
         bar.close()
+    if cfg.steps > start_step:  # the last update may have overflowed even with a finite loss before it
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters() if p.requires_grad]
+        if not all(bool(torch.isfinite(t).all()) for t in local):  # (FSDP: this rank's shards)
+            _finite(float("nan"), "a weight", cfg.steps, cfg)
     if train_time:
         history["tokens_per_s"] = train_tokens / train_time
         history["mfu"] = fpt * history["tokens_per_s"] / peak if peak else None
@@ -272,17 +292,59 @@ def save_checkpoint(directory, model: nn.Module, optimizer, scheduler, step: int
     return directory
 
 
+_STATE_KEYS = ("step", "train_config", "scheduler", "optimizer", "rng", "history")
+
+
+def read_training_state(directory) -> dict:
+    """The JSON part of a checkpoint save_checkpoint wrote, after checking everything load_checkpoint will read:
+    training_state.json (its keys), training_state.safetensors and model.safetensors (their headers against their
+    sizes: a truncated file is caught here). Any problem is a one-line CheckpointError naming the file."""
+    directory = Path(directory)
+    meta = read_json_object(directory / "training_state.json", CheckpointError,
+                            not_found="not a training checkpoint (nothing to resume)")
+    missing = [k for k in _STATE_KEYS if k not in meta]
+    if missing or not isinstance(meta["step"], int) or not isinstance(meta["train_config"], dict):
+        raise CheckpointError(f"{directory / 'training_state.json'}: not a training state written by "
+                              f"save_checkpoint (missing or malformed: {', '.join(missing) or 'step, train_config'})")
+    try:
+        TrainConfig(**meta["train_config"])
+    except TypeError as e:
+        raise CheckpointError(f"{directory / 'training_state.json'}: train_config: {e}") from None
+    for name in ("training_state.safetensors", "model.safetensors"):
+        if not (directory / name).is_file():
+            raise CheckpointError(f"{directory / name} is missing: the checkpoint in {directory} is incomplete")
+        read_safetensors_header(directory / name)
+    return meta
+
+
+def checkpoint_step(directory) -> int | None:
+    """The step of the checkpoint in `directory` (its training_state.json), or None if it holds none."""
+    try:
+        return int(read_json_object(Path(directory) / "training_state.json")["step"])
+    except (ValueError, OSError, KeyError, TypeError):
+        return None
+
+
+def _load_file(path) -> dict:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
+
+
 def load_checkpoint(directory, model: nn.Module, optimizer=None, scheduler=None) -> dict:
     """Restore what save_checkpoint wrote into `model` (weights copied in place), `optimizer`, `scheduler` and
-    the RNGs. Returns the JSON part: {"step", "train_config", "history", ...}."""
+    the RNGs. Returns the JSON part: {"step", "train_config", "history", ...}. A damaged or incomplete checkpoint
+    raises a CheckpointError naming the file, before anything is changed."""
     directory = Path(directory)
-    meta_path = directory / "training_state.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} not found: not a training checkpoint (nothing to resume)")
-    meta = json.loads(meta_path.read_text())
-    tensors = load_file(str(directory / "training_state.safetensors"))
-    weights = load_file(str(directory / "model.safetensors"))
+    meta = read_training_state(directory)
+    tensors = _load_file(directory / "training_state.safetensors")
+    weights = _load_file(directory / "model.safetensors")
     base = unwrap(model)
+    names = [checkpoint_name(n) for n, _ in base.named_parameters()]
+    absent = [n for n in names if n not in weights] + [n for n in ("rng.torch",) if n not in tensors]
+    if absent:
+        raise CheckpointError(f"{directory}: the checkpoint does not match the model (missing {', '.join(absent[:4])})")
     with torch.no_grad():
         for name, p in base.named_parameters():  # a tied head is the embedding: filled once
             p.copy_(weights[checkpoint_name(name)])

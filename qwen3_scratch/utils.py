@@ -2,9 +2,9 @@
 # Edit the notebook, then run `python tools/nb.py export`.
 """Small helpers shared by every chapter (chapter 00 owns them): where the package and the figures are, which
 device to use, dtype names, what this machine supports, and how many parameters a module really has (tied
-weights counted once), and the one reader of JSON files."""
+weights counted once), the one reader of JSON files, atomic writes, and the checks of seeds and output folders."""
 
-__all__ = ['package_dir', 'figures_dir', 'quick_run', 'save_figure', 'default_device', 'device_name', 'cpu_model', 'DTYPE_CHOICES', 'parse_dtype', 'env_report', 'print_env', 'default_threads', 'count_module_params', 'read_json_object', 'write_atomically', 'write_text_atomically']
+__all__ = ['package_dir', 'figures_dir', 'quick_run', 'save_figure', 'default_device', 'device_name', 'cpu_model', 'DTYPE_CHOICES', 'parse_dtype', 'env_report', 'print_env', 'default_threads', 'count_module_params', 'read_json_object', 'write_atomically', 'write_text_atomically', 'MAX_SEED', 'check_seed', 'check_output_dir']
 
 
 # %% notebooks/00_setup.ipynb
@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import platform
+import tempfile
 from pathlib import Path
 
 import torch
@@ -223,3 +224,36 @@ def write_atomically(path, write) -> Path:
 def write_text_atomically(path, text: str) -> Path:
     """write_atomically for a text file (UTF-8)."""
     return write_atomically(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+# %% notebooks/00_setup.ipynb
+MAX_SEED = 2**32 - 1  # the commands' seeds: torch takes 64 bits, but the batch streams mix the seed with the step
+
+
+def check_seed(seed, flag: str = "--seed") -> int:
+    """`seed` if it is an integer from 0 to MAX_SEED, else a ValueError naming `flag` (checked before anything
+    is loaded: torch.manual_seed would fail on 2**64 only after the model has been read)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"{flag} must be an integer from 0 to {MAX_SEED} (2**32 - 1), got {seed}")
+    return seed
+
+
+def check_output_dir(path, flag: str = "--out", empty: bool = True) -> Path:
+    """`path` as a Path if a run can write its files there: a folder (empty, with empty=True) or a path whose
+    nearest existing parent is a folder this process can create files in (tried with a temporary file, which
+    also catches read-only filesystems and root-owned places). Else a one-line ValueError naming `flag`."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path}: exists and is not a folder")
+    if empty and path.is_dir() and any(path.iterdir()):
+        raise ValueError(f"{flag} {path}: folder exists and is not empty; choose another")
+    parent = path.absolute()
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {path}: {parent} is a file, not a folder")
+    try:
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot write in {parent} ({e.strerror or e})") from None
+    return path

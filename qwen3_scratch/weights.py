@@ -20,7 +20,7 @@ import torch
 from qwen3_scratch.attention import check_attn_implementation
 from qwen3_scratch.checkpoint import (_FLOAT_DTYPES, _ST_DTYPES, INDEX_NAME, SINGLE_NAME, CheckpointError,
                                       _config_json, _count_tensors, _names, _read_checkpoint, _stored, check_tensors,
-                                      checkpoint_name, expected_tensors)
+                                      checkpoint_name, expected_tensors, warn_non_finite)
 from qwen3_scratch.config import Qwen3Config
 from qwen3_scratch.hub import resolve_checkpoint
 from qwen3_scratch.model import Qwen3Model
@@ -58,25 +58,6 @@ def _same_as_embedding(source, embedding: torch.Tensor, rows: int = 8192) -> boo
         if not torch.equal(block, embedding[i:i + rows]):
             return False
     return True
-
-
-def _warn_non_finite(tensors: dict, files: dict) -> None:
-    """Warn, naming each tensor and its file, when a loaded tensor holds NaN or inf. Cheap: one fp32 sum per
-    tensor and one device sync in all; only tensors whose sum is not finite are counted exactly (a sum can
-    overflow on large finite values)."""
-    if not tensors:
-        return
-    sums = torch.stack([t.sum(dtype=torch.float32) for t in tensors.values()])  # (N,)
-    suspects = [name for name, ok in zip(tensors, sums.isfinite().tolist()) if not ok]
-    bad = []
-    for name in suspects:
-        t = tensors[name]
-        counts = [(int(t.isnan().sum()), "NaN"), (int(t.isinf().sum()), "inf")]
-        if any(n for n, _ in counts):
-            what = " and ".join(f"{n:,} {kind}" for n, kind in counts if n)
-            bad.append(f"{name} holds {what} values (in {Path(files[name]).name})")
-    if bad:
-        warnings.warn(f"non-finite weights loaded (the model will produce NaN): {'; '.join(bad)}")
 
 
 def _materialize_buffers(model: torch.nn.Module, device) -> None:
@@ -137,7 +118,7 @@ def _load_checked(model, directory, files, headers, dtype=None, device=None):
         if untie:
             with safetensors.safe_open(str(files["lm_head.weight"]), framework="pt", device=str(device)) as f:
                 state["lm_head.weight"] = f.get_tensor("lm_head.weight").to(dtype)
-    _warn_non_finite({checkpoint_name(k): t for k, t in state.items()}, files)
+    warn_non_finite({checkpoint_name(k): t for k, t in state.items()}, files)
     # every file is read: only now replace the parameters (assign: the tensors become the parameters)
     model.load_state_dict(state, strict=False, assign=True)
     if untie:

@@ -299,3 +299,12 @@ def test_draft_errors_are_one_line(checkpoint, tmp_path):
     for extra in (["--draft-tokens", "0", "--draft", folder], ["--draft-tokens", "3"], ["--draft", folder, "--tp", "2"]):
         status, _, err = run(["generate", "--model", folder, "--prompt", "x"] + extra)
         assert status == 2 and err.startswith("error: --draft") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_a_seed_out_of_range_is_named_before_the_model_loads(command, tmp_path):
+    """Issue 21: --seed 99999999999999999999 said 'Overflow when unpacking long long', after loading the model.
+    The model folder here does not exist: the seed must be the first thing refused."""
+    argv = [command, "--model", str(tmp_path / "no-model"), "--seed", "99999999999999999999"]
+    status, out, err = run(argv + (["--prompt", "Hi"] if command == "generate" else []))
+    assert status == 2 and err.startswith("error: --seed") and err.count("\n") == 1 and "no-model" not in err, err

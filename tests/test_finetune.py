@@ -199,3 +199,45 @@ def test_cli_errors_name_the_line_and_write_nothing(base_dir, data_file, tmp_pat
     assert main(["--model", str(tmp_path / "nowhere"), "--data", str(data_file), "--out", str(tmp_path / "x")]) == 1
     assert "nowhere" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------- what a hostile or careless user tried (issue 21): one line each
+@pytest.mark.parametrize("args,words", [
+    (["--lr", "inf"], "--lr"), (["--lr", "nan"], "--lr"), (["--lora-alpha", "nan"], "--lora-alpha"),
+    (["--lora-alpha", "inf"], "--lora-alpha"), (["--seed", "99999999999999999999"], "--seed"),
+    (["--lora-rank", "1000000"], "--lora-rank 1000000"), (["--batch-size", "1000000000"], "--batch-size"),
+    (["--max-len", "100000000"], "--max-len")])
+def test_cli_bad_numbers_refused_before_loading(args, words, base_dir, data_file, tmp_path, capsys, monkeypatch):
+    import qwen3_scratch.finetune as ft
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+    monkeypatch.setattr(ft, "load_pretrained", refuse)
+    out = tmp_path / "out"
+    assert main(["--model", str(base_dir), "--data", str(data_file), "--out", str(out), "--device", "cpu",
+                 *args]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and words in err, err
+    assert not out.exists()
+
+
+def test_cli_divergence_is_one_line_and_writes_no_adapter(base_dir, data_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["--model", str(base_dir), "--data", str(data_file), "--out", str(out), "--lora-rank", "4",
+                 "--steps", "3", "--batch-size", "4", "--lr", "1e30", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "not finite at step" in err, err
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_finetune_memory_is_chapter_00s_estimate():
+    from qwen3_scratch.finetune import finetune_memory
+    from qwen3_scratch.memory import param_count
+    from qwen3_scratch.model import config_param_counts
+    from qwen3_scratch.config import Qwen3Config
+    for name in ("0.6B", "30B-A3B"):
+        cfg = Qwen3Config.from_preset(name)
+        assert param_count(cfg) == config_param_counts(cfg)["total"], name
+    cfg = Qwen3Config.from_preset("0.6B")
+    full, lora = finetune_memory(cfg), finetune_memory(cfg, LoRAConfig(r=16, lora_alpha=32))
+    assert full["weights"] == 4 * full["parameters"] and lora["optimizer"] == 8 * lora["trainable"]

@@ -213,3 +213,192 @@ def test_shipped_checkpoint_matches_transformers():
         p.numel() for p in ours.parameters()), "the shipped model is the default run"
     assert metrics["val_loss"] < metrics["baselines"]["bigram"]["val_loss"] < metrics["baselines"]["unigram"]["val_loss"], \
         "the shipped model beats the bigram, which beats the unigram"
+
+
+# ------------------------------------------------- what a hostile or careless user tried (issue 21): one line each
+@pytest.fixture
+def text_file(plays, tmp_path):
+    path = tmp_path / "lear.txt"
+    path.write_text(plays["lear"][:20000])
+    return path
+
+
+def _no_tokenizer_training(monkeypatch):
+    """These refusals must come before the tokenizer trains (seconds on a real corpus)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the tokenizer was trained before the arguments were checked")
+    monkeypatch.setattr(pretrain, "train_tokenizer", refuse)
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--seed", "99999999999999999999"], "--seed"),
+    (["--seed", "-1"], "--seed"),
+    (["--lr", "inf"], "--lr"), (["--lr", "nan"], "--lr"), (["--lr", "0"], "--lr"),
+    (["--layers", "1000000"], "--layers 1000000"),
+    (["--batch-size", "1000000000"], "--batch-size 1000000000"),
+    (["--hidden-size", "6400000"], "--hidden-size 6400000"),
+    (["--seq-len", "100000000"], "--seq-len 100000000"),
+])
+def test_cli_bad_numbers_named_before_anything_runs(args, words, text_file, tmp_path, capsys, monkeypatch):
+    _no_tokenizer_training(monkeypatch)
+    out = tmp_path / "out"
+    status, _, err = _cli(["--text", str(text_file), "--out", str(out), *SMALL, *args], capsys)
+    assert status == 2 and err.startswith("error: ") and err.count("\n") == 1 and words in err, err
+    assert not out.exists()
+
+
+def test_cli_memory_refusal_says_how_much(text_file, tmp_path, capsys, monkeypatch):
+    _no_tokenizer_training(monkeypatch)
+    status, _, err = _cli(["--text", str(text_file), "--out", str(tmp_path / "o"), *SMALL, "--layers", "1000000"],
+                          capsys)
+    assert status == 2 and "GiB" in err and "memory" in err, err
+
+
+@pytest.mark.parametrize("case", ["text_is_a_folder", "out_under_a_file", "out_is_a_file", "out_unwritable"])
+def test_cli_bad_paths_one_line_before_the_tokenizer(case, text_file, tmp_path, capsys, monkeypatch):
+    _no_tokenizer_training(monkeypatch)
+    text, out = str(text_file), tmp_path / "out"
+    if case == "text_is_a_folder":
+        text = str(tmp_path)
+    elif case == "out_under_a_file":
+        out = text_file / "run"
+    elif case == "out_is_a_file":
+        out = text_file
+    else:
+        out = "/proc/qwen3_scratch_test/run"  # not writable, even for root
+    status, _, err = _cli(["--text", text, "--out", str(out), *SMALL], capsys)
+    assert status == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert {"text_is_a_folder": "is a folder", "out_under_a_file": "not a folder", "out_is_a_file": "not a folder",
+            "out_unwritable": "cannot write"}[case] in err, err
+
+
+@pytest.fixture
+def trained(text_file, tmp_path, capsys):
+    """A finished 4-step run (checkpoints at steps 2 and 4) to resume from."""
+    out = tmp_path / "run"
+    status, _, err = _cli(["--text", str(text_file), "--out", str(out), *SMALL, "--steps", "4"], capsys)
+    assert status == 0, err
+    return out
+
+
+@pytest.mark.parametrize("name,how", [
+    ("training_state.json", "garbage"), ("training_state.json", "keys"), ("training_state.safetensors", "truncated"),
+    ("training_state.safetensors", "missing"), ("model.safetensors", "truncated"), ("model.safetensors", "missing"),
+    ("model.safetensors", "garbage"), ("config.json", "garbage")])
+def test_cli_resume_from_a_damaged_checkpoint_names_the_file(name, how, trained, text_file, capsys):
+    path = trained / name
+    if how == "garbage":
+        path.write_text("{this is not json")
+    elif how == "keys":
+        path.write_text('{"step": 4}')
+    elif how == "truncated":
+        path.write_bytes(path.read_bytes()[:1000])
+    else:
+        path.unlink()
+    status, _, err = _cli(["--text", str(text_file), "--out", str(trained), *SMALL, "--steps", "6", "--resume"],
+                          capsys)
+    assert status != 0 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert name in err, err
+
+
+def test_cli_interrupted_save_leaves_a_resumable_checkpoint(text_file, tmp_path, capsys, monkeypatch):
+    """Ctrl-C in the middle of writing step 4's model file: step 2's checkpoint stays whole and resumes."""
+    import safetensors.torch
+    real = safetensors.torch.save_file
+    calls = []
+
+    def interrupted(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 3:  # step 2: model, state; step 4: the model file, cut after 1000 bytes
+            with open(filename, "wb") as f:
+                f.write(b"\0" * 1000)
+            raise KeyboardInterrupt
+        return real(tensors, filename, metadata=metadata)
+    monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
+    monkeypatch.setattr("qwen3_scratch.trainer.save_file", interrupted)
+    out = tmp_path / "run"
+    status, _, err = _cli(["--text", str(text_file), "--out", str(out), *SMALL, "--steps", "4"], capsys)
+    assert status == 130 and "step 2" in err and str(out) in err and "--resume" in err, err
+    assert json.loads((out / "training_state.json").read_text())["step"] == 2
+    assert not list(out.glob(".*.tmp")), "a temporary file was left behind"
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    monkeypatch.setattr("qwen3_scratch.trainer.save_file", real)
+    status, _, err = _cli(["--text", str(text_file), "--out", str(out), *SMALL, "--steps", "4", "--resume"], capsys)
+    assert status == 0, err
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 4
+
+
+def test_cli_ctrl_c_says_where_the_last_checkpoint_is(text_file, tmp_path, capsys, monkeypatch):
+    from qwen3_scratch import trainer
+    real = trainer.train_step
+
+    def step(model, optimizer, scheduler, get_batch, step, cfg):
+        if step == stop_at:
+            raise KeyboardInterrupt
+        return real(model, optimizer, scheduler, get_batch, step, cfg)
+    monkeypatch.setattr(trainer, "train_step", step)
+    out = tmp_path / "run"
+    stop_at = 3  # after step 2's checkpoint
+    status, _, err = _cli(["--text", str(text_file), "--out", str(out), *SMALL, "--steps", "6"], capsys)
+    assert status == 130 and err.count("\n") <= 2 and "step 2" in err and "--resume" in err and str(out) in err, err
+    assert (out / "training_state.json").is_file()
+    stop_at = 1  # before any checkpoint: nothing worth keeping, nothing left to refuse the next run
+    out2 = tmp_path / "run2"
+    status, _, err = _cli(["--text", str(text_file), "--out", str(out2), *SMALL, "--steps", "6"], capsys)
+    assert status == 130 and "no checkpoint" in err, err
+    assert not out2.exists()
+
+
+def test_cli_divergence_is_one_line_and_leaves_nothing_that_blocks_a_rerun(text_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    status, _, err = _cli(["--text", str(text_file), "--out", str(out), *SMALL, "--steps", "6", "--lr", "1e6"],
+                          capsys)
+    assert status != 0 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert "not finite at step" in err and "--lr" in err and "nothing was kept" in err, err
+    assert not out.exists(), "a diverged run keeps no weights (resuming it would diverge again: same --lr)"
+    status, _, err = _cli(["--text", str(text_file), "--out", str(out), *SMALL], capsys)
+    assert status == 0, err
+
+
+def test_cli_reuses_a_folder_that_holds_only_an_unfinished_runs_files(text_file, tmp_path, capsys):
+    """A run killed before its first checkpoint (kill -9: no clean-up) left its tokenizer: the next run goes on;
+    a folder with a checkpoint or with other files is still refused."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "tokenizer.json").write_text("{}")
+    (out / ".model.safetensors.123.tmp").write_bytes(b"\0" * 100)
+    status, _, err = _cli(["--text", str(text_file), "--out", str(out), *SMALL], capsys)
+    assert status == 0, err
+    assert not list(out.glob(".*.tmp"))
+    status, _, err = _cli(["--text", str(text_file), "--out", str(out), *SMALL], capsys)
+    assert status == 2 and "--resume" in err, err
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    status, _, err = _cli(["--text", str(text_file), "--out", str(other), *SMALL], capsys)
+    assert status == 2 and "not empty" in err and (other / "notes.txt").read_text() == "mine", err
+    model = tmp_path / "model"  # weights without a training state (finetune --merge wrote it): never reused
+    model.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (model / name).write_text("x")
+    status, _, err = _cli(["--text", str(text_file), "--out", str(model), *SMALL], capsys)
+    assert status == 2 and "not empty" in err and len(list(model.iterdir())) == 3, err
+
+
+def test_cli_output_files_share_one_mode(trained):
+    modes = {p.name: p.stat().st_mode & 0o777 for p in trained.iterdir()}
+    assert len(set(modes.values())) == 1, f"every file train writes has the same permissions: {modes}"
+
+
+def test_tokenizer_training_on_one_long_word_ends():
+    """1 MB of 'a' is one pre-tokenized word; BPE training is quadratic in a word's length. Words are cut into
+    pieces of at most MAX_WORD_CHARS for training only, so it ends in seconds (the bound here is generous)."""
+    import time
+    t0 = time.perf_counter()
+    bpe = train_tokenizer(["a" * 1_000_000], vocab_size=300)
+    assert time.perf_counter() - t0 < 60
+    ids = bpe.encode("a" * 1000).ids
+    assert bpe.decode(ids) == "a" * 1000 and len(ids) < 100
+    spec = json.loads(bpe.to_str())["pre_tokenizer"]
+    assert spec == json.loads(train_tokenizer(["b b"], vocab_size=300).to_str())["pre_tokenizer"]
+    assert "{1," not in json.dumps(spec), "the saved tokenizer keeps Qwen3's own pre-tokenizer"

@@ -192,6 +192,29 @@ def test_reload_checks_the_header(model, tmp_path):
         load_pretrained(d, device="cpu", quantize="int8")
 
 
+@pytest.mark.parametrize("scheme,name,value", [("int8", "model.layers.1.self_attn.q_proj.scale", "nan"),
+                                               ("int4", "model.layers.0.mlp.up_proj.zero", "inf"),
+                                               ("int4", "model.layers.1.mlp.down_proj.scale", "nan")])
+def test_non_finite_quantization_parameters_warn(model, tmp_path, scheme, name, value):
+    """A NaN scale or an inf zero makes every output NaN: loading says so, naming the tensor, as for float weights."""
+    d = save_quantized(quantize_model(shared_copy(model), scheme, 32), tmp_path / scheme)
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(d / "model.safetensors")
+    tensors[name].view(-1)[0] = float(value)
+    save_file(tensors, d / "model.safetensors")
+    for load in (load_quantized, load_pretrained):
+        with pytest.warns(UserWarning, match=f"{name} holds 1 {'NaN' if value == 'nan' else 'inf'}"):
+            load(d, device="cpu")
+
+
+def test_group_size_must_be_an_integer(model):
+    for bad in (64.0, True, "64"):
+        with pytest.raises(ValueError, match="group_size"):
+            quantize_model(shared_copy(model), "int4", group_size=bad)
+        with pytest.raises(ValueError, match="group_size"):
+            check_scheme("int4", bad)
+
+
 def test_quant_embedding_lookups_equal_dequantized_rows():
     head = QuantLinear.from_weight(torch.randn(48, 64), 8)
     emb = QuantEmbedding(head)
