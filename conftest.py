@@ -10,6 +10,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("QWEN3_SCRATCH_QUICK", "1")  # see qwen3_scratch.utils.quick_run
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2`: two workers share the cores, one torch thread each
+    import torch
+
+    torch.set_num_threads(1)
+
 ROOT = Path(__file__).resolve().parent
 
 
@@ -30,6 +35,8 @@ def tracked_files_state(root: Path = ROOT) -> dict | None:
 
 
 def pytest_sessionstart(session):
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # under xdist the controller checks the whole session
+        return
     session.config._tracked_before = tracked_files_state()
 
 

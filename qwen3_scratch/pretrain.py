@@ -5,7 +5,7 @@ bigram baselines, bits per character, `pretrain()` (tokenizer + model + the trai
 and `python -m qwen3_scratch train`. The loop itself is trainer.py's. Reference: nanoGPT's train.py.
 Legend: B batch, T tokens, D hidden, V vocab, L layers."""
 
-__all__ = ['SHIPPED_MODEL', 'encode_documents', 'TokenBatches', 'tiny_config', 'init_weights', 'ngram_baselines', 'bits_per_char', 'SAMPLE_PROMPT', 'pretrain', 'read_texts', 'split_texts', 'build_parser', 'plan_training', 'run_training', 'main']
+__all__ = ['SHIPPED_MODEL', 'TEACHER_MODEL', 'encode_documents', 'TokenBatches', 'tiny_config', 'init_weights', 'ngram_baselines', 'bits_per_char', 'SAMPLE_PROMPT', 'pretrain', 'read_texts', 'split_texts', 'build_parser', 'plan_training', 'run_training', 'main']
 
 
 # %% notebooks/12_pretraining.ipynb
@@ -31,6 +31,7 @@ from qwen3_scratch.trainer import (IGNORE_INDEX, TrainConfig, evaluate, load_che
 from qwen3_scratch.utils import default_device, device_name, read_json_object, write_text_atomically
 
 SHIPPED_MODEL = SHAKESPEARE_DIR / "model"  # the checkpoint this chapter trains; later chapters load it
+TEACHER_MODEL = SHAKESPEARE_DIR / "teacher"  # the same recipe at 8 layers x 384, trained longer (chapter 19's teacher)
 
 
 # %% notebooks/12_pretraining.ipynb
