@@ -363,7 +363,9 @@ def print_table(results: dict) -> None:
     for r in results["random_model"]:
         print(f"{r['variant']:<30} {r['bytes'] / 2**20:8.1f} {r['tok_s']:7.2f} {r['speedup_vs_fp32']:6.2f} "
               f"{r['ms_median']:7.1f} ({r['ms_min']:.0f}..{r['ms_max']:.0f}) {r['kl_vs_fp32']:9.2e}  {r['path']}")
-    if results.get("torchao_note"):
+    if not any(r["variant"].startswith("torchao") for r in results["random_model"]):
+        print("torchao: no rows in this table:", results.get("torchao_note") or "not installed")
+    elif results.get("torchao_note"):
         print("torchao:", results["torchao_note"])
     for r in results.get("trained_model", []):
         print(f"  trained {r['variant']:<22} val loss {r['val_loss']:.4f} ({r['rise_pct']:+.2f}%)  "
