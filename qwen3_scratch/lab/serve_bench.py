@@ -29,11 +29,11 @@ from qwen3_scratch.tokenizer import Qwen3Tokenizer
 from qwen3_scratch.utils import default_device, device_name, output_dir
 
 BENCH_PROMPTS = [  # 16 different openings, so that no two requests share more than a token or two
-    "First Citizen:\nBefore we proceed any further, hear me speak.", "ROMEO:\nBut, soft! what light",
-    "The quick brown fox", "Once upon a time, in a kingdom by the sea,", "KING RICHARD III:\nNow is the winter",
-    "To be, or not to be:", "In the beginning", "JULIET:\nO Romeo, Romeo!", "It was a dark and stormy night;",
-    "HAMLET:\nAlas, poor Yorick!", "Friends, Romans, countrymen,", "The weather today is",
-    "MACBETH:\nIs this a dagger", "All the world's a stage,", "A horse! a horse!", "Shall I compare thee",
+    "FIRST CITIZEN.\nBefore we proceed any further, hear me speak.", "Romeo.\nBut, soft! what light",
+    "The quick brown fox", "Once upon a time, in a kingdom by the sea,", "KING RICHARD.\nNow is the winter",
+    "To be, or not to be:", "In the beginning", "Juliet.\nO Romeo, Romeo!", "It was a dark and stormy night;",
+    "HAMLET.\nAlas, poor Yorick!", "Friends, Romans, countrymen,", "The weather today is",
+    "MACBETH.\nIs this a dagger", "All the world's a stage,", "A horse! a horse!", "Shall I compare thee",
 ]
 
 
