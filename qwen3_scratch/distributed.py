@@ -199,19 +199,21 @@ def ring_bytes(op: str, nbytes: int, world_size: int) -> float:
 
 # %% notebooks/16_distributed.ipynb
 def time_all_reduce(sizes, repeats: int = 5, warmup: int = 2) -> list:
-    """Run on every rank: median seconds of an all-reduce of each fp32 size (elements), with min and max."""
-    rows = []
-    for n in sizes:
-        x = torch.ones(n)
-        times = []
-        for i in range(warmup + repeats):
+    """Run on every rank: median seconds of an all-reduce of each fp32 size (elements), with min and max. The sizes
+    take turns (round-robin, `repeats` rounds), so a burst of load from elsewhere hits every size alike."""
+    tensors = {n: torch.ones(n) for n in sizes}
+    times = {n: [] for n in sizes}
+    for i in range(warmup + repeats):
+        for n, x in tensors.items():
             dist.barrier()  # start together: a rank that arrives late would be timed waiting
             t = time.perf_counter()
             dist.all_reduce(x)
             if i >= warmup:
-                times.append(time.perf_counter() - t)
-        times.sort()
-        rows.append(dict(elements=n, bytes=4 * n, median_s=times[len(times) // 2], min_s=times[0], max_s=times[-1]))
+                times[n].append(time.perf_counter() - t)
+    rows = []
+    for n in sizes:
+        ts = sorted(times[n])
+        rows.append(dict(elements=n, bytes=4 * n, median_s=ts[len(ts) // 2], min_s=ts[0], max_s=ts[-1]))
     return rows
 
 

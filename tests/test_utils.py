@@ -65,7 +65,13 @@ def test_save_figure_dpi_and_default_folder(fig, tmp_path, monkeypatch):
     big = save_figure(fig, "big.png", dpi=200, folder=tmp_path)
     assert big.stat().st_size > small.stat().st_size
     monkeypatch.setattr("qwen3_scratch.utils.figures_dir", lambda: tmp_path / "figs")
-    assert save_figure(fig, "default.png") == tmp_path / "figs" / "default.png"
+    monkeypatch.setenv("QWEN3_SCRATCH_RUNS", str(tmp_path / "runs"))
+    monkeypatch.delenv("QWEN3_SCRATCH_PUBLISH", raising=False)
+    monkeypatch.delenv("QWEN3_SCRATCH_SAVE_FIGURES", raising=False)
+    assert save_figure(fig, "default.png") == tmp_path / "runs" / "figures" / "default.png", "a run draws into runs/"
+    monkeypatch.setenv("QWEN3_SCRATCH_PUBLISH", "1")
+    monkeypatch.setenv("QWEN3_SCRATCH_QUICK", "0")
+    assert save_figure(fig, "default.png") == tmp_path / "figs" / "default.png", "publishing draws into figures/"
     assert (tmp_path / "figs" / "default.png").is_file()
 
 
@@ -142,14 +148,64 @@ def test_device_name_counts_threads_in_good_english(monkeypatch):
     assert device_name("cpu").endswith(", 8 threads)")
 
 
-def test_measured_figures_are_written_only_when_asked(fig, tmp_path, monkeypatch):
+@pytest.mark.parametrize("measured", [False, True])
+def test_figures_and_results_reach_the_course_only_when_publishing(fig, tmp_path, monkeypatch, measured):
+    utils = qwen3_scratch.utils
     monkeypatch.setattr("qwen3_scratch.utils.figures_dir", lambda: tmp_path / "figs")
-    monkeypatch.delenv("QWEN3_SCRATCH_SAVE_FIGURES", raising=False)
-    assert save_figure(fig, "timing.png", measured=True) is None
-    assert not (tmp_path / "figs").exists(), "a measured figure must not touch figures/ unless asked"
-    assert save_figure(fig, "timing.png", measured=True, folder=tmp_path / "out").exists(), "an explicit folder is asked"
+    monkeypatch.setattr("qwen3_scratch.utils.results_dir", lambda: tmp_path / "res")
+    monkeypatch.setenv("QWEN3_SCRATCH_RUNS", str(tmp_path / "runs"))
+    for name in ("QWEN3_SCRATCH_PUBLISH", "QWEN3_SCRATCH_SAVE_FIGURES"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("QWEN3_SCRATCH_QUICK", "0")
+    assert not utils.publishing()
+    assert save_figure(fig, "timing.png", measured=measured) == tmp_path / "runs" / "figures" / "timing.png"
+    assert utils.output_dir("results") == tmp_path / "runs" / "results"
+    assert not (tmp_path / "figs").exists() and not (tmp_path / "res").exists(), "nothing committed is touched"
+    assert save_figure(fig, "timing.png", measured=measured, folder=tmp_path / "out").exists(), "an explicit folder"
+    monkeypatch.setenv("QWEN3_SCRATCH_PUBLISH", "1")
+    assert utils.publishing()
+    assert save_figure(fig, "timing.png", measured=measured) == tmp_path / "figs" / "timing.png"
+    assert utils.output_dir("results") == tmp_path / "res"
+    monkeypatch.setenv("QWEN3_SCRATCH_QUICK", "1")
+    assert not utils.publishing(), "a quick run never publishes: its numbers would replace the full run's"
+    with pytest.raises(ValueError, match="'figures' or 'results'"):
+        utils.output_dir("data")
+
+
+def test_the_old_switch_still_publishes_with_a_warning(monkeypatch):
+    monkeypatch.delenv("QWEN3_SCRATCH_PUBLISH", raising=False)
     monkeypatch.setenv("QWEN3_SCRATCH_SAVE_FIGURES", "1")
-    assert save_figure(fig, "timing.png", measured=True) == tmp_path / "figs" / "timing.png"
+    monkeypatch.setenv("QWEN3_SCRATCH_QUICK", "0")
+    with pytest.warns(FutureWarning, match="QWEN3_SCRATCH_PUBLISH"):
+        assert qwen3_scratch.utils.publishing()
+
+
+def test_publish_folder_replaces_the_whole_folder_or_nothing(tmp_path, monkeypatch):
+    from qwen3_scratch.utils import publish_folder
+    run, shipped = tmp_path / "run", tmp_path / "shipped"
+    run.mkdir()
+    (run / "model.safetensors").write_bytes(b"new")
+    (run / "config.json").write_text("{}")
+    shipped.mkdir()
+    (shipped / "model.safetensors").write_bytes(b"old")
+    (shipped / "stale.json").write_text("{}")
+
+    def broken_copy(src, dst):  # a copy cut short (a full disk, Ctrl-C)
+        Path(dst).mkdir()
+        (Path(dst) / "model.safetensors").write_bytes(b"ne")
+        raise KeyboardInterrupt
+    monkeypatch.setattr("qwen3_scratch.utils.shutil.copytree", broken_copy)
+    with pytest.raises(KeyboardInterrupt):
+        publish_folder(run, shipped)
+    assert (shipped / "model.safetensors").read_bytes() == b"old", "an interrupted publish leaves the old folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "shipped"], "and nothing beside it"
+    monkeypatch.undo()
+    assert publish_folder(run, shipped) == shipped
+    assert sorted(p.name for p in shipped.iterdir()) == ["config.json", "model.safetensors"], "stale files go"
+    assert (shipped / "model.safetensors").read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "shipped"]
+    with pytest.raises(FileNotFoundError, match="nope"):
+        publish_folder(tmp_path / "nope", shipped)
 
 
 def test_quick_run_follows_the_environment(monkeypatch):

@@ -363,7 +363,9 @@ def print_table(results: dict) -> None:
     for r in results["random_model"]:
         print(f"{r['variant']:<30} {r['bytes'] / 2**20:8.1f} {r['tok_s']:7.2f} {r['speedup_vs_fp32']:6.2f} "
               f"{r['ms_median']:7.1f} ({r['ms_min']:.0f}..{r['ms_max']:.0f}) {r['kl_vs_fp32']:9.2e}  {r['path']}")
-    if results.get("torchao_note"):
+    if not any(r["variant"].startswith("torchao") for r in results["random_model"]):
+        print("torchao: no rows in this table:", results.get("torchao_note") or "not installed")
+    elif results.get("torchao_note"):
         print("torchao:", results["torchao_note"])
     for r in results.get("trained_model", []):
         print(f"  trained {r['variant']:<22} val loss {r['val_loss']:.4f} ({r['rise_pct']:+.2f}%)  "
@@ -374,20 +376,24 @@ def print_table(results: dict) -> None:
 
 # %% notebooks/14_quantization.ipynb
 def main(argv=None) -> dict:
-    """`python -m qwen3_scratch quant [--quick] [--threads N] [--out results] [--no-figures]`: every measurement
-    of this chapter in one run; writes results/quant_cpu.json and, unless --no-figures, figures/14_*.png."""
+    """`python -m qwen3_scratch quant [--quick] [--threads N] [--out DIR] [--no-figures]`: every measurement of
+    this chapter in one run; writes quant_cpu.json and, unless --no-figures, 14_*.png into runs/ (results/ and
+    figures/ only with QWEN3_SCRATCH_PUBLISH=1)."""
     import argparse
     from qwen3_scratch.utils import save_figure
     ap = argparse.ArgumentParser(prog="python -m qwen3_scratch quant", description=main.__doc__)
     ap.add_argument("--quick", action="store_true", help="CPU-sized shapes and few repeats (seconds; tests, CI)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    ap.add_argument("--out", default="results", help="folder for quant_cpu.json")
-    ap.add_argument("--figures", default=None, help="folder for the PNGs (default: the repository's figures/)")
+    ap.add_argument("--out", default=None, help="folder for quant_cpu.json (default: runs/results/; the committed "
+                    "results/ only with QWEN3_SCRATCH_PUBLISH=1)")
+    ap.add_argument("--figures", default=None, help="folder for the PNGs (default: runs/figures/; the committed "
+                    "figures/ only with QWEN3_SCRATCH_PUBLISH=1)")
     ap.add_argument("--no-figures", action="store_true")
     args = ap.parse_args(argv)
     results = run(args.quick, args.threads)
     print_table(results)
-    out = Path(args.out)
+    from qwen3_scratch.utils import output_dir
+    out = Path(args.out) if args.out else output_dir("results")
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"quant_cpu{'_quick' if args.quick else ''}.json"
     path.write_text(json.dumps(results, indent=1) + "\n")
@@ -395,10 +401,7 @@ def main(argv=None) -> dict:
     if not args.no_figures:
         import matplotlib
         matplotlib.use("Agg")
-        folder = args.figures
-        if folder is None:
-            from qwen3_scratch.utils import figures_dir
-            folder = figures_dir()
+        folder = args.figures or output_dir("figures")
         print("wrote", save_figure(plot_tradeoffs(results), "14_tradeoffs.png", folder=folder, measured=True))
         if results.get("layer_errors"):
             print("wrote", save_figure(plot_layer_errors(results["layer_errors"], "chapter 12's model"),

@@ -26,14 +26,14 @@ from qwen3_scratch.model import Qwen3Model
 from qwen3_scratch.pretrain import SHIPPED_MODEL
 from qwen3_scratch.server import OpenAIServer, ServerThread, build_engine
 from qwen3_scratch.tokenizer import Qwen3Tokenizer
-from qwen3_scratch.utils import default_device, device_name
+from qwen3_scratch.utils import default_device, device_name, output_dir
 
 BENCH_PROMPTS = [  # 16 different openings, so that no two requests share more than a token or two
-    "First Citizen:\nBefore we proceed any further, hear me speak.", "ROMEO:\nBut, soft! what light",
-    "The quick brown fox", "Once upon a time, in a kingdom by the sea,", "KING RICHARD III:\nNow is the winter",
-    "To be, or not to be:", "In the beginning", "JULIET:\nO Romeo, Romeo!", "It was a dark and stormy night;",
-    "HAMLET:\nAlas, poor Yorick!", "Friends, Romans, countrymen,", "The weather today is",
-    "MACBETH:\nIs this a dagger", "All the world's a stage,", "A horse! a horse!", "Shall I compare thee",
+    "FIRST CITIZEN.\nBefore we proceed any further, hear me speak.", "Romeo.\nBut, soft! what light",
+    "The quick brown fox", "Once upon a time, in a kingdom by the sea,", "KING RICHARD.\nNow is the winter",
+    "To be, or not to be:", "In the beginning", "Juliet.\nO Romeo, Romeo!", "It was a dark and stormy night;",
+    "HAMLET.\nAlas, poor Yorick!", "Friends, Romans, countrymen,", "The weather today is",
+    "MACBETH.\nIs this a dagger", "All the world's a stage,", "A horse! a horse!", "Shall I compare thee",
 ]
 
 
@@ -137,8 +137,10 @@ def bench_parser() -> argparse.ArgumentParser:
                    "are distinct; more repeat them)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per request (default 64)")
     p.add_argument("--threads", type=int, help="torch threads (default: PyTorch's choice)")
-    p.add_argument("--out", default="results/17_serving.json", help="where the JSON results go")
-    p.add_argument("--figure", default="17_serving_bench.png", help="figure name under figures/ ('' for none)")
+    p.add_argument("--out", default=None, help="where the JSON results go (default: runs/results/17_serving.json; "
+                   "the committed results/ only with QWEN3_SCRATCH_PUBLISH=1)")
+    p.add_argument("--figure", default="17_serving_bench.png", help="figure name, saved beside the results' folder's "
+                   "figures (runs/figures/, or figures/ when publishing; '' for none)")
     return p
 
 
@@ -170,7 +172,7 @@ def main(argv=None) -> dict:
                            requests=args.requests, max_tokens=args.max_tokens, torch_threads=torch.get_num_threads(),
                            load_average=[round(x, 1) for x in os.getloadavg()],  # > cores: the machine was shared
                            command="python -m qwen3_scratch serve-bench " + " ".join(argv or sys.argv[2:]))
-    out = Path(args.out)
+    out = Path(args.out) if args.out else output_dir("results") / "17_serving.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
     for name in ("sequential", "concurrent"):
@@ -179,7 +181,7 @@ def main(argv=None) -> dict:
               f"{w['ttft_p95']:.3f} s  latency p50/p95 {w['latency_p50']:.2f}/{w['latency_p95']:.2f} s")
     print(f"speedup: {results['speedup']:.1f}x   ({results['meta']['device']}); results in {out}")
     if args.figure:
-        from qwen3_scratch.utils import figures_dir, save_figure
-        path = save_figure(plot_benchmark(results), args.figure, measured=True, folder=figures_dir())
+        from qwen3_scratch.utils import save_figure
+        path = save_figure(plot_benchmark(results), args.figure, measured=True)  # output_dir("figures")
         print(f"figure: {path}")
     return results
