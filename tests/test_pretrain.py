@@ -209,7 +209,10 @@ def test_shipped_checkpoint_matches_transformers():
     theirs = hf.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=None, min_new_tokens=20)
     assert mine.tolist() == theirs.tolist()
     metrics = json.loads((folder / "metrics.json").read_text())
-    assert metrics["train_config"] == dataclasses.asdict(TrainConfig()) and metrics["parameters"] == sum(
+    defaults = dataclasses.asdict(TrainConfig())
+    added_since = {"compile"}  # options added after the shipped run that leave the math as it was
+    assert set(defaults) - set(metrics["train_config"]) <= added_since and metrics["train_config"] == {
+        k: v for k, v in defaults.items() if k in metrics["train_config"]} and metrics["parameters"] == sum(
         p.numel() for p in ours.parameters()), "the shipped model is the default run"
     assert metrics["val_loss"] < metrics["baselines"]["bigram"]["val_loss"] < metrics["baselines"]["unigram"]["val_loss"], \
         "the shipped model beats the bigram, which beats the unigram"
