@@ -55,6 +55,13 @@ def test_command_writes_only_where_asked(tmp_path, monkeypatch):
     assert [r["value"] for r in saved["rows"] if r["metric"] == "same_training"] == [1]
 
 
+def test_bench_train_dispatches(tmp_path, monkeypatch):
+    from qwen3_scratch.lab.bench_run import main as bench_main
+    monkeypatch.setattr(tb, "run_train_bench", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("dispatched")))
+    with pytest.raises(RuntimeError, match="dispatched"):
+        bench_main(["--train", "--quick", "--out", str(tmp_path)])
+
+
 @pytest.mark.parametrize("argv, culprit", [(["--repeats", "0"], "--repeats"), (["--threads", "0"], "--threads"),
                                            (["--warmup", "-1"], "--warmup"), (["--shapes", "huge"], "--shapes")])
 def test_bad_arguments_one_line(argv, culprit, capsys):
