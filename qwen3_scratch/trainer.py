@@ -5,7 +5,7 @@ warmup + cosine, clipping, gradient accumulation, bf16 autocast, activation chec
 MFU, resumable pickle-free checkpoints. Chapters 13, 16, 18 and 19 train with it. References: nanoGPT's train.py;
 Kaplan et al. (2020) and PaLM (2022) for FLOPs per token. Legend: B batch, T tokens, D hidden, V vocab, L layers."""
 
-__all__ = ['IGNORE_INDEX', 'next_token_loss', 'TrainConfig', 'unwrap', 'param_groups', 'lr_at', 'make_optimizer', 'autocast_context', 'moe_layers', 'forward_loss', 'train_step', 'evaluate', 'PEAK_BF16_FLOPS', 'flops_per_token', 'peak_flops', 'TrainingDiverged', 'train', 'save_checkpoint', 'read_training_state', 'checkpoint_step', 'load_checkpoint', 'set_activation_checkpointing']
+__all__ = ['IGNORE_INDEX', 'next_token_loss', 'TrainConfig', 'unwrap', 'param_groups', 'lr_at', 'FUSED_ADAMW_DEVICES', 'make_optimizer', 'autocast_context', 'moe_layers', 'forward_loss', 'loss_function', 'train_step', 'evaluate', 'PEAK_BF16_FLOPS', 'flops_per_token', 'peak_flops', 'TrainingDiverged', 'train', 'save_checkpoint', 'read_training_state', 'checkpoint_step', 'load_checkpoint', 'set_activation_checkpointing']
 
 
 # %% notebooks/12_pretraining.ipynb
@@ -63,6 +63,7 @@ class TrainConfig:
     autocast: str = "auto"  # "auto": bf16 on a GPU that supports it, fp32 elsewhere; "bf16"; "none"
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     aux_loss_coef: float = 0.01  # load-balancing loss weight (MoE models only)
+    compile: bool | str = False  # torch.compile the forward + loss: True (inductor) or a backend name ("aot_eager")
 
     def tokens_per_step(self, world_size: int = 1) -> int:
         return self.batch_size * self.seq_len * self.grad_accum * world_size
@@ -92,9 +93,17 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
+FUSED_ADAMW_DEVICES = ("cpu", "cuda", "mps", "xpu")  # where torch has a fused AdamW kernel
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig):
-    """(AdamW over param_groups, a LambdaLR scheduler that sets lr_at(step) before each step)."""
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    """(AdamW over param_groups, a LambdaLR scheduler that sets lr_at(step) before each step). AdamW is fused (one
+    kernel updates every tensor; on a CPU thread about 3x faster than the default loop over tensors, the same update up
+    to fp32 rounding) when every parameter is a plain float tensor on such a device; else torch's default (FSDP2)."""
+    groups = param_groups(model, cfg.weight_decay)
+    fused = all(type(p) is nn.Parameter and p.is_floating_point() and p.device.type in FUSED_ADAMW_DEVICES
+                for g in groups for p in g["params"])
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg) / cfg.lr)
     return optimizer, scheduler
 
@@ -127,12 +136,29 @@ def forward_loss(model: nn.Module, x, y, aux_loss_coef: float = 0.0):
     return lm_loss + aux_loss_coef * aux, lm_loss, aux
 
 
+_COMPILED = {}  # backend -> forward_loss under torch.compile, made on first use
+
+
+def loss_function(cfg: TrainConfig):
+    """forward_loss, or with cfg.compile the same function under torch.compile: the forward, the loss and (through
+    AOTAutograd) their backward become fused kernels. The model is not wrapped: its parameters keep their names.
+    One compiled function serves every model; Dynamo's guards recompile only for a new shape or mode."""
+    if not cfg.compile:
+        return forward_loss
+    backend = "inductor" if cfg.compile is True else cfg.compile
+    if backend not in _COMPILED:
+        _COMPILED[backend] = torch.compile(forward_loss, backend=backend)
+    return _COMPILED[backend]
+
+
 def train_step(model: nn.Module, optimizer, scheduler, get_batch, step: int, cfg: TrainConfig) -> dict:
     """One optimizer step: cfg.grad_accum micro-batches get_batch("train", step * grad_accum + i), clipping,
-    AdamW, the schedule. `model` may be wrapped (DDP: gradients are synchronized on the last micro-batch only).
+    AdamW, the schedule; the forward and loss compiled when cfg.compile. `model` may be wrapped (DDP: gradients
+    are synchronized on the last micro-batch only).
     Returns {loss, aux_loss, grad_norm, lr, tokens} (loss: the mean next-token loss, nats/token, this rank)."""
     model.train()
     lr = optimizer.param_groups[0]["lr"]  # what this step uses
+    loss_fn = loss_function(cfg)
     loss_sum, aux_sum, tokens = 0.0, 0.0, 0
     for i in range(cfg.grad_accum):
         x, y = get_batch("train", step * cfg.grad_accum + i)  # (B, T), (B, T)
@@ -140,7 +166,7 @@ def train_step(model: nn.Module, optimizer, scheduler, get_batch, step: int, cfg
         sync = nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with autocast_context(x.device, cfg.autocast):
-                loss, lm_loss, aux = forward_loss(model, x, y, cfg.aux_loss_coef)
+                loss, lm_loss, aux = loss_fn(model, x, y, cfg.aux_loss_coef)
             (loss / cfg.grad_accum).backward()
         loss_sum += lm_loss.item()
         aux_sum += aux.item() if aux is not None else 0.0

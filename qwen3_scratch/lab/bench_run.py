@@ -2,7 +2,8 @@
 # Edit the notebook, then run `python tools/nb.py export`.
 """Chapter 11's benchmark run (lab): the settings for a GPU and a small or full CPU run, the rows every measurement
 of bench.py becomes, the results' JSON/CSV, and `python -m qwen3_scratch bench [--small] [--device cuda]
-[--out DIR] [--figures DIR]`, which regenerates results/bench_*.* and figures/11_*.png."""
+[--out DIR] [--figures DIR]`, which regenerates results/bench_*.* and figures/11_*.png (`bench --train`: chapter 12's
+training benchmark, lab/train_bench.py)."""
 
 __all__ = ['BenchSettings', 'SETTINGS', 'bench_model', 'kv_bytes_rows', 'decode_latency_rows', 'cache_vs_nocache_rows', 'run_benchmarks', 'bench_meta', 'CSV_FIELDS', 'write_results', 'main', 'print_summary']
 
@@ -183,7 +184,13 @@ def write_results(results: dict, out_dir, stem: str) -> tuple:
 
 # %% notebooks/11_benchmarks.ipynb
 def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--train" in argv:  # chapter 12's training benchmark, with its own options (bench --train --help)
+        from qwen3_scratch.lab.train_bench import main as train_bench_main
+        return train_bench_main([a for a in argv if a != "--train"])
     ap = argparse.ArgumentParser(prog="python -m qwen3_scratch bench", description=__doc__)
+    ap.add_argument("--train", action="store_true", help="run chapter 12's training benchmark instead: ours vs "
+                    "transformers, one training step (see bench --train --help)")
     ap.add_argument("--device", default=None, help="cuda / cpu / mps (default: cuda if available)")
     ap.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
                     help="default: bfloat16 on CUDA, float32 elsewhere")
