@@ -170,14 +170,15 @@ KV_BLOCK = 256  # the plain path's cache grows by whole blocks of this many slot
 
 @torch.no_grad()
 def _decode(model, input_ids, max_new_tokens, temperature, top_k, top_p, stops, use_cache, attention_mask,
-            generator):
+            generator, token_filter=None):
     B, T = input_ids.shape
     # grown block by block: a reply that stops early never pays for max_new_tokens slots
     cache = KVCache.for_model(model, B, T + max_new_tokens, block_size=KV_BLOCK) if use_cache else None
     seq, mask, step_in = input_ids, attention_mask, input_ids
     for _ in range(max_new_tokens):
         logits = model(step_in if use_cache else seq, attention_mask=mask, kv_cache=cache, last_only=True)
-        nxt = stops(sample_next(logits[:, -1], temperature, top_k, top_p, generator))  # (B,)
+        nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
+        nxt = stops(token_filter(nxt) if token_filter is not None else nxt)  # (B,)
         yield nxt
         if stops.all_done:
             return
@@ -191,25 +192,28 @@ def _decode(model, input_ids, max_new_tokens, temperature, top_k, top_p, stops, 
 
 # %% notebooks/09_generation.ipynb
 def stream_generate(model, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
-                    eos_token_id=None, use_cache=True, attention_mask=None, generator=None, pad_token_id=None):
+                    eos_token_id=None, use_cache=True, attention_mask=None, generator=None, pad_token_id=None,
+                    token_filter=None):
     """Like `generate`, but an iterator that yields each step's new tokens, (B,), as soon as they exist.
     The arguments are checked here, before the first token, so mistakes raise at the call."""
     B, _ = check_generate_args(model, input_ids, max_new_tokens, attention_mask, temperature, top_k, top_p)
     stops = StopTokens(eos_token_id, B, input_ids.device, pad_token_id)
     return _decode(model, input_ids, max_new_tokens, temperature, top_k, top_p, stops, use_cache, attention_mask,
-                   generator)
+                   generator, token_filter)
 
 
 def generate(model, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, eos_token_id=None,
-             use_cache=True, attention_mask=None, generator=None, pad_token_id=None):
+             use_cache=True, attention_mask=None, generator=None, pad_token_id=None, token_filter=None):
     """input_ids (B, T) -> (B, T + n) LongTensor, n <= max_new_tokens new tokens after the prompt.
     temperature 0 = greedy; else sampling with optional top_k / top_p (generator: reproducible draws).
     eos_token_id: an int or a list; a row that emits one is finished and then repeats that token
     (or pad_token_id) until every row is finished, which ends generation early.
     attention_mask (B, T): 1 for tokens, 0 for LEFT padding; positions count only the real tokens.
-    use_cache=False recomputes the whole sequence at every step (same tokens, much slower)."""
+    use_cache=False recomputes the whole sequence at every step (same tokens, much slower).
+    token_filter: a callable (B,) sampled ids -> (B,) ids to emit, applied before the stop tokens (chapter 18's
+    thinking budget writes its message this way)."""
     steps = stream_generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, use_cache,
-                            attention_mask, generator, pad_token_id)
+                            attention_mask, generator, pad_token_id, token_filter)
     return torch.cat([input_ids] + [t[:, None] for t in steps], dim=1)
 
 
