@@ -90,6 +90,8 @@ class LLMEngine:
                 seq.generator = torch.Generator(device=row.device).manual_seed(p.seed)
             tok = best if p.temperature == 0 else int(sample_next(row[None], p.temperature, p.top_k, p.top_p,
                                                                   seq.generator)[0])
+            if p.token_filter is not None:
+                tok = p.token_filter(tok)
             seq.num_computed = len(seq.token_ids)
             self.blocks.register(seq.block_table, seq.token_ids, seq.num_computed)
             seq.token_ids.append(tok)

@@ -26,6 +26,7 @@ class SamplingParams:
     top_p: float | None = None
     seed: int | None = None
     stop_token_ids: tuple = ()
+    token_filter: object = None  # a callable: sampled token id -> token id to emit (chapter 18's thinking budget)
 
     def __post_init__(self):
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:

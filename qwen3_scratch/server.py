@@ -62,6 +62,7 @@ class ChatRequest(_Request):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
     chat_template_kwargs: dict | None = None
+    thinking_budget: int | None = None  # chapter 18: end the thinking after this many tokens (Qwen3's message)
 
 
 # %% notebooks/17_serving.ipynb
@@ -160,7 +161,7 @@ class Generation:
     """One request in flight: submits it, turns its token events into text deltas, and makes sure that the
     engine lets go of it (frees its blocks) however it ends: done, stop string, error or disconnect."""
 
-    def __init__(self, engine: AsyncEngine, prompt_ids, params: SamplingParams, text: TextStream):
+    def __init__(self, engine: AsyncEngine, prompt_ids, params: SamplingParams, text: TextStream, display=None):
         try:
             self.seq, self.queue = engine.submit(prompt_ids, params)
         except QueueFull as e:
@@ -169,6 +170,7 @@ class Generation:
         except ValueError as e:
             raise APIError(400, str(e), param="max_tokens", code="context_length_exceeded")
         self.engine, self.text, self.prompt_tokens = engine, text, len(prompt_ids)
+        self.display = display  # a ThinkingBudget fed the same tokens as the engine's (chapter 18), or None
         self.completion_tokens, self.finish_reason = 0, None
         self.first_token_at = None
 
@@ -182,7 +184,8 @@ class Generation:
                 token, reason = event
                 self.completion_tokens += 1
                 self.first_token_at = self.first_token_at or time.perf_counter()
-                for piece in self.text.put(token):
+                hidden = self.display is not None and self.display.observe(token)  # the budget's forced '.\n\n'
+                for piece in ([] if hidden else self.text.put(token)):
                     yield piece
                 if self.text.stopped:
                     reason = "stop"
@@ -220,8 +223,10 @@ class OpenAIServer:
     """The HTTP side: OpenAI's /v1/models, /v1/completions and /v1/chat/completions (+ /health) in front of an
     AsyncEngine. Checks every request before it reaches the engine; `app` is the FastAPI application."""
 
-    def __init__(self, engine: LLMEngine, tokenizer, model_name: str, max_waiting: int = 256):
+    def __init__(self, engine: LLMEngine, tokenizer, model_name: str, max_waiting: int = 256,
+                 enable_thinking: bool = True, thinking_budget: int | None = None):
         self.engine = AsyncEngine(engine, max_waiting)
+        self.enable_thinking, self.thinking_budget = enable_thinking, thinking_budget  # defaults for chat requests
         self.tokenizer, self.model_name, self.created = tokenizer, model_name, int(time.time())
         self.max_model_len = engine.max_model_len
         self.app = self._build_app()
@@ -277,7 +282,7 @@ class OpenAIServer:
                 raise APIError(400, "messages is empty: a chat needs at least one message", param="messages",
                                code="invalid_value")
             kwargs = req.chat_template_kwargs or {}
-            thinking = kwargs.get("enable_thinking", True)
+            thinking = kwargs.get("enable_thinking", self.enable_thinking)
             if not isinstance(thinking, bool):
                 raise APIError(400, "chat_template_kwargs.enable_thinking must be true or false",
                                param="chat_template_kwargs.enable_thinking", code="invalid_value")
@@ -297,8 +302,18 @@ class OpenAIServer:
                                param="max_completion_tokens", code="invalid_value")
             name, value = (("max_completion_tokens", req.max_completion_tokens)
                            if req.max_completion_tokens is not None else ("max_tokens", req.max_tokens))
+            budget = self.thinking_budget if req.thinking_budget is None else req.thinking_budget
+            if budget is not None and budget < 0:
+                raise APIError(400, f"thinking_budget must be >= 0 (tokens of thinking), got {budget}",
+                               param="thinking_budget", code="invalid_value")
             params = self._params(req, prompt_ids, value, name, "messages", default=None)
-            gen = Generation(self.engine, prompt_ids, params, TextStream(self.tokenizer, self._stops(req), chat=True))
+            display = None
+            if budget is not None:  # chapter 18: the engine forces Qwen3's message; a copy follows for the display
+                from qwen3_scratch.thinking import ThinkingBudget
+                params.token_filter = ThinkingBudget(self.tokenizer, budget, prompt_ids).next_token
+                display = ThinkingBudget(self.tokenizer, budget, prompt_ids)
+            gen = Generation(self.engine, prompt_ids, params, TextStream(self.tokenizer, self._stops(req), chat=True),
+                             display)
             return await self._respond(req, gen, chat=True)
 
         return app
@@ -462,6 +477,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 503")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="weights and KV dtype")
+    p.add_argument("--no-think", action="store_true", help="chat requests answer without thinking unless they send "
+                   'chat_template_kwargs: {"enable_thinking": true}')
+    p.add_argument("--thinking-budget", type=int, metavar="N", help="default thinking budget of chat requests "
+                   "(a request's thinking_budget overrides it; chapter 18)")
     return p
 
 
@@ -480,6 +499,10 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 2
+    if args.thinking_budget is not None and args.thinking_budget < 0:
+        print(f"error: --thinking-budget must be >= 0 (tokens of thinking), got {args.thinking_budget}",
+              file=sys.stderr)
+        return 2
     for name in ("port", "max_batch", "max_model_len", "block_size", "num_blocks", "max_waiting"):
         value = getattr(args, name)
         if value is not None and (value < 1 or (name == "port" and value > 65535)):
@@ -492,7 +515,8 @@ def main(argv=None) -> int:
     except (OSError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    server = OpenAIServer(engine, tokenizer, args.served_model_name or args.model, args.max_waiting)
+    server = OpenAIServer(engine, tokenizer, args.served_model_name or args.model, args.max_waiting,
+                          enable_thinking=not args.no_think, thinking_budget=args.thinking_budget)
     kv = engine.cache.nbytes() / 2**20
     print(f"serving {server.model_name!r} on http://{args.host}:{args.port}/v1  (max_model_len "
           f"{engine.max_model_len}, {engine.blocks.num_blocks} KV blocks x {engine.blocks.block_size} tokens, "
