@@ -11,13 +11,20 @@ from importlib import import_module
 COMMANDS = {  # in chapter order
     "chat": ("qwen3_scratch.cli", True, "interactive chat with a checkpoint (chapter 9)"),
     "generate": ("qwen3_scratch.cli", True, "continue one prompt and print the new text (chapter 9)"),
-    "bench": ("qwen3_scratch.bench", False, "the chapter 11 benchmarks: results/*.json|csv and figures"),
+    "bench": ("qwen3_scratch.lab.bench_run", False, "the chapter 11 benchmarks: results/*.json|csv and figures"),
     "train": ("qwen3_scratch.data_parallel", False,  # chapter 12's command; under torchrun DDP/FSDP (chapter 16)
               "train a tokenizer and a tiny Qwen3 on your text (chapter 12; under torchrun: chapter 16)"),
     "finetune": ("qwen3_scratch.finetune", False, "fine-tune on chat data, LoRA or full (chapter 13)"),
-    "quant": ("qwen3_scratch.quant", False, "the chapter 14 quantization benchmark: results/quant_cpu.json, figures"),
+    "quant": ("qwen3_scratch.lab.quant_bench", False,
+              "the chapter 14 quantization benchmark: results/quant_cpu.json, figures"),
     "serve": ("qwen3_scratch.server", True, "an OpenAI-compatible HTTP server with continuous batching (chapter 17)"),
-    "serve-bench": ("qwen3_scratch.server", True, "chapter 17's throughput benchmark: sequential vs concurrent"),
+    "serve-bench": ("qwen3_scratch.lab.serve_bench", False,
+                    "chapter 17's throughput benchmark: sequential vs concurrent"),
+    "distill": ("qwen3_scratch.distill_cli", True, "distill a teacher into a student, off- or on-policy (chapter 19)"),
+    "distill-lab": ("qwen3_scratch.lab.students", False,
+                    "chapter 19's four students (scratch, distilled, on-policy, pruned): results, figures"),
+    "spec-bench": ("qwen3_scratch.lab.spec_bench", False,
+                   "chapter 20's speculative decoding benchmark: results/speculative_*.json and figures"),
 }
 
 

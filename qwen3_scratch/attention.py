@@ -5,7 +5,7 @@ with an RMSNorm over head_dim on every query and key head, applied before RoPE (
 References: transformers' modeling_qwen3.py; GQA: Ainslie et al., 2023. Shapes: B batch, T queries,
 S keys (cached + new), D hidden, H query heads, K kv heads, G = H / K, Dh head_dim. Chapter 04 owns it."""
 
-__all__ = ['causal_mask', 'attention_eager', 'Qwen3Attention']
+__all__ = ['causal_mask', 'attention_eager', 'attention_sdpa', 'ATTENTION_FUNCTIONS', 'ATTENTION_CHECKS', 'check_attn_implementation', 'Qwen3Attention']
 
 
 # %% notebooks/04_attention.ipynb
@@ -56,6 +56,45 @@ def attention_eager(q, k, v, mask=None):
 
 
 # %% notebooks/04_attention.ipynb
+def attention_sdpa(q, k, v, mask=None):
+    """attention_eager's contract on PyTorch's fused F.scaled_dot_product_attention: q (B, H, T, Dh), k, v
+    (B, K, S, Dh); mask bool (T, S) or (B|1, 1, T, S), True = may attend, or None (causal). Returns (B, H, T, Dh)."""
+    B, H, T, Dh = q.shape
+    K, S = k.shape[1], k.shape[2]
+    if mask is None and 1 < T < S:  # SDPA's is_causal aligns the triangle top-left: give it ours
+        mask = causal_mask(T, S, q.device)
+    is_causal = mask is None and T > 1  # T == 1: the single new query may see every key
+    if mask is not None and T == 1 and K < H:
+        # a masked decode step: with a mask, enable_gqa falls back to SDPA's slow math kernel on CUDA, so fold the
+        # G query heads of each kv head into G query rows instead (a view; chapter 11 checks it)
+        qg = q.reshape(B, K, H // K, Dh)  # (B, K, G, Dh)
+        return F.scaled_dot_product_attention(qg, k, v, attn_mask=mask).view(B, H, 1, Dh)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
+
+
+def _eager_out(q, k, v, mask=None):
+    return attention_eager(q, k, v, mask)[0]  # (B, H, T, Dh), the probabilities dropped
+
+
+ATTENTION_FUNCTIONS = {"eager": _eager_out, "sdpa": attention_sdpa}  # attn_implementation -> fn(q, k, v, mask) -> out
+ATTENTION_CHECKS = {}  # attn_implementation -> fn(device or None) -> None, or why it cannot run there
+_LATER = {"flash": "qwen3_scratch.flash_attention", "triton": "qwen3_scratch.triton_attention"}  # chapter 21's
+
+
+def check_attn_implementation(name, device=None) -> str:
+    """Return `name` if it names a registered attention implementation that can run on `device` (None: any
+    device); otherwise raise a one-line ValueError that says what to use instead."""
+    if name not in ATTENTION_FUNCTIONS:
+        later = f" ({name!r} is registered by importing {_LATER[name]}, chapter 21)" if name in _LATER else ""
+        raise ValueError(f"attn_implementation={name!r} is unknown: use one of "
+                         f"{', '.join(map(repr, ATTENTION_FUNCTIONS))}{later}")
+    why = ATTENTION_CHECKS[name](device) if name in ATTENTION_CHECKS else None
+    if why:
+        raise ValueError(f"attn_implementation={name!r} cannot run here: {why}")
+    return name
+
+
+# %% notebooks/04_attention.ipynb
 class Qwen3Attention(nn.Module):
     """One Qwen3 self-attention layer: q/k/v projections, per-head QK-norm, RoPE, (cached) grouped-query
     attention, output projection. x (B, T, D) -> (B, T, D). Names match the checkpoints."""
@@ -76,6 +115,7 @@ class Qwen3Attention(nn.Module):
         self.k_norm = RMSNorm(head_dim, rms_norm_eps)
         self.record_probs = False  # True: run attention_eager and keep the probabilities (chapter 10)
         self.last_probs = None  # (B, H, T, S) from the last forward with record_probs
+        self.attn_implementation = "sdpa"  # which ATTENTION_FUNCTIONS entry runs (Qwen3Model.set_attn_implementation)
 
     def forward(self, x, cos, sin, mask=None, kv_cache=None):
         """x (B, T, D); cos, sin (B, T, Dh); mask bool (B|1, 1, T, S), True = may attend, or None (causal);
@@ -91,20 +131,9 @@ class Qwen3Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, K, S, Dh): every key and value so far
-        S = k.shape[2]
         if self.record_probs:
             out, probs = attention_eager(q, k, v, mask)  # (B, H, T, Dh), (B, H, T, S)
             self.last_probs = probs.detach()
         else:
-            if mask is None and 1 < T < S:  # SDPA's is_causal aligns the triangle top-left: give it ours
-                mask = causal_mask(T, S, x.device)
-            is_causal = mask is None and T > 1  # T == 1: the single new query may see every key
-            if mask is not None and T == 1 and self.num_kv_heads < self.num_heads:
-                # a masked decode step: with a mask, enable_gqa falls back to SDPA's slow math kernel on CUDA, so
-                # fold the G query heads of each kv head into G query rows instead (a view; chapter 11 checks it)
-                G = self.num_heads // self.num_kv_heads
-                qg = q.reshape(B, self.num_kv_heads, G, self.head_dim)  # (B, K, G, Dh)
-                out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask).view(B, self.num_heads, 1, -1)
-            else:
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
+            out = ATTENTION_FUNCTIONS[self.attn_implementation](q, k, v, mask)  # (B, H, T, Dh)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, H*Dh) -> (B, T, D)

@@ -4,7 +4,7 @@
 stdin line by line, so it can be piped) and `python -m qwen3_scratch generate --model DIR --prompt "..."`.
 Errors print one line to stderr and exit with status 1; usage errors exit with 2. Chapter 09 owns it."""
 
-__all__ = ['CHAT_HELP', 'build_parser', 'load_model_and_tokenizer', 'sampling_options', 'run_generate', 'run_chat', 'main']
+__all__ = ['CHAT_HELP', 'build_parser', 'load_model_and_tokenizer', 'sampling_options', 'decode_function', 'run_generate', 'run_chat', 'main']
 
 
 # %% notebooks/09_generation.ipynb
@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "Qwen3's message, then let the model answer (chapter 18)")
     common.add_argument("--system", help="a system prompt")
     common.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    common.add_argument("--draft", metavar="DIR", help="a small model with the same tokenizer that drafts tokens "
+                        "for --model to check: speculative decoding (chapter 20); statistics go to stderr")
+    common.add_argument("--draft-tokens", type=int, metavar="K", help="tokens the draft proposes per check (default 4)")
     sub.add_parser("chat", parents=[common], help="interactive chat (stdin, one message per line)",
                    description="Chat with the model. " + CHAT_HELP)
     gen = sub.add_parser("generate", parents=[common], help="continue one prompt and print the new text")
@@ -106,6 +109,18 @@ def sampling_options(args, enable_thinking, greedy_default) -> dict:
     return {**base, **given}
 
 
+def decode_function(args, model, tok, err):
+    """With --draft, what produces the tokens instead of stream_generate: chapter 20's speculative decoding (the
+    same greedy text, sooner; one line of statistics per reply on err). None without --draft."""
+    if not args.draft:
+        return None
+    from qwen3_scratch.speculative import check_tokenizers, speculative_decoder
+    device = str(next(model.parameters()).device)
+    draft, draft_tok = load_model_and_tokenizer(args.draft, device, args.dtype, args.source, args.quantize)
+    check_tokenizers(tok, draft_tok, what=f"--draft {args.draft}")
+    return speculative_decoder(draft, args.draft_tokens or 4, report=err)
+
+
 # %% notebooks/09_generation.ipynb
 def _generator(model, seed):
     if seed is None:
@@ -114,11 +129,11 @@ def _generator(model, seed):
     return torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
 
 
-def run_generate(args, stdin, out, shard=None) -> int:
+def run_generate(args, stdin, out, shard=None, err=None) -> int:
     if args.tp != 1 and shard is None:  # chapter 16: this process holds 1/tp of the model
         from qwen3_scratch.tensor_parallel import tensor_parallel_cli
         with tensor_parallel_cli(args, out) as (shard, out):
-            return run_generate(args, stdin, out, shard)
+            return run_generate(args, stdin, out, shard, err)
     if args.prompt == "-":
         try:
             prompt = _text(stdin.read(), "stdin")
@@ -144,9 +159,11 @@ def run_generate(args, stdin, out, shard=None) -> int:
     if args.thinking_budget is not None:  # chapter 18: Qwen3's message ends the thinking after N tokens
         from qwen3_scratch.thinking import BudgetFilter
         budget = BudgetFilter(tok, args.thinking_budget, [ids])
-    steps = stream_generate(model, torch.tensor([ids], device=device), args.max_new_tokens or 128,
-                            eos_token_id=tok.stop_token_ids, generator=_generator(model, args.seed),
-                            token_filter=budget, **sampling_options(args, think, greedy_default=not args.chat))
+    decode = decode_function(args, model, tok, err)
+    extra = {} if decode else {"token_filter": budget}  # main() refuses --draft with --thinking-budget
+    steps = (decode or stream_generate)(model, torch.tensor([ids], device=device), args.max_new_tokens or 128,
+                                        eos_token_id=tok.stop_token_ids, generator=_generator(model, args.seed),
+                                        **extra, **sampling_options(args, think, greedy_default=not args.chat))
     decoder = StreamDecoder(tok)
     for nxt in steps:
         token = int(nxt[0])
@@ -172,14 +189,14 @@ def _read_line(stdin, interactive):
         raise ValueError(f"stdin is not valid UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
-def run_chat(args, stdin, out) -> int:
+def run_chat(args, stdin, out, err=None) -> int:
     system = _text(args.system, "--system") if args.system else None
     model, tok = load_model_and_tokenizer(args.model, args.device, args.dtype, args.source, args.quantize)
     session = ChatSession(model, tok, system=system, enable_thinking=not args.no_think,
                           max_new_tokens=args.max_new_tokens or 1024, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p, generator=_generator(model, args.seed),
                           split_special_tokens=True,  # what the user types is text, never control tokens
-                          thinking_budget=args.thinking_budget)
+                          decode=decode_function(args, model, tok, err), thinking_budget=args.thinking_budget)
     interactive = stdin is sys.stdin and stdin.isatty()
     color = hasattr(out, "isatty") and out.isatty()
     out.write(f"[{args.model}: thinking {'on' if session.enable_thinking else 'off'}; {CHAT_HELP}]\n")
@@ -231,10 +248,19 @@ def main(argv=None, stdin=None, stdout=None, stderr=None) -> int:
     if args.thinking_budget is not None and args.thinking_budget < 0:
         stderr.write(f"error: --thinking-budget must be >= 0 (tokens of thinking), got {args.thinking_budget}\n")
         return 2
+    if args.thinking_budget is not None and args.draft:
+        stderr.write("error: --thinking-budget cannot be combined with --draft (the budget filters generate's tokens)\n")
+        return 2
+    if args.draft_tokens is not None and (args.draft_tokens < 1 or not args.draft):
+        stderr.write(f"error: --draft-tokens must be >= 1 and comes with --draft, got {args.draft_tokens}\n")
+        return 2
+    if args.draft and getattr(args, "tp", 1) != 1:
+        stderr.write("error: --draft cannot be combined with --tp (speculative decoding runs on one process)\n")
+        return 2
     try:
         from qwen3_scratch.utils import default_threads  # the notebooks' default too (chapter 0 says why)
         torch.set_num_threads(default_threads())
-        return (run_chat if args.command == "chat" else run_generate)(args, stdin, stdout)
+        return (run_chat if args.command == "chat" else run_generate)(args, stdin, stdout, err=stderr)
     except KeyboardInterrupt:
         stderr.write("\ninterrupted\n")
         return 130

@@ -9,9 +9,10 @@ __all__ = ['Qwen3Config', 'PRESETS', 'HF_REPOS', 'preset_name']
 
 # %% notebooks/00_setup.ipynb
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from qwen3_scratch.utils import read_json_object
 
 
 # %% notebooks/00_setup.ipynb
@@ -32,7 +33,7 @@ class Qwen3Config:
     rope_scaling: dict | None = None  # YaRN (chapter 15): {"rope_type": "yarn", "factor": ..., ...}; None: plain RoPE
     use_sliding_window: bool = False  # sliding-window attention (chapter 15); no released Qwen3 turns it on
     sliding_window: int | None = None  # W: a sliding layer's query sees its last W slots, itself included
-    max_window_layers: int = 28  # dense models: layers max_window_layers .. L-1 slide (transformers' rule)
+    max_window_layers: int | None = None  # dense: layers max_window_layers .. L-1 slide; None: L (no layer)
     tie_word_embeddings: bool = True  # the LM head reuses the embedding matrix
     # Qwen3-MoE only; num_experts == 0 means every layer has a dense SwiGLU
     num_experts: int = 0  # E
@@ -49,6 +50,9 @@ class Qwen3Config:
         self.rope_theta = float(self.rope_theta)  # config.json often writes 1000000 (an int)
         self.mlp_only_layers = list(self.mlp_only_layers)  # our own copy, never a preset's list
         self.rope_scaling = dict(self.rope_scaling) if self.rope_scaling else None  # {} means plain RoPE too
+        if self.max_window_layers is None:  # every release writes its own layer count here
+            L = self.num_hidden_layers
+            self.max_window_layers = L if isinstance(L, int) and not isinstance(L, bool) and L > 0 else 0
         _check_long_context(self)  # YaRN and sliding windows (chapter 15)
         if self.num_experts > 0 and self.model_type == "qwen3":
             self.model_type = "qwen3_moe"  # experts make it a Qwen3-MoE, whatever the caller wrote
@@ -275,7 +279,7 @@ def _load_config_json(source) -> tuple[dict, str]:
     path = path / "config.json" if path.is_dir() else path
     if not path.is_file():
         raise FileNotFoundError(f"no config.json at {path}")
-    return json.loads(path.read_text()), str(path)
+    return read_json_object(path), str(path)
 
 
 # %% notebooks/00_setup.ipynb
@@ -306,6 +310,8 @@ def _fields_from_hf(d: dict) -> dict:
     d["rope_scaling"] = scaling
     if not d.get("use_sliding_window"):  # the window keys mean nothing then (transformers drops the window too)
         d.pop("sliding_window", None), d.pop("max_window_layers", None)
+    else:
+        d.setdefault("max_window_layers", 28)  # transformers' default when a sliding config leaves it out
     if d.get("attention_bias"):
         raise ValueError("attention_bias=true is not supported: no released Qwen3 uses it")
     if d.get("hidden_act", "silu") != "silu":

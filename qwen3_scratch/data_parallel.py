@@ -102,7 +102,8 @@ def train_parallel(strategy: str, model_config, train_config, tokens, *, stop_at
     trained model in the Hub's layout. Returns {losses (mean over ranks, one per step run), start, bytes}; the
     gradients' bytes are counted after one more backward unless count_grads=False."""
     from qwen3_scratch.model import Qwen3Model
-    from qwen3_scratch.pretrain import TokenBatches, forward_loss, init_weights, make_optimizer, train
+    from qwen3_scratch.pretrain import init_weights, TokenBatches
+    from qwen3_scratch.trainer import forward_loss, make_optimizer, train
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     batches = RankBatches(TokenBatches(tokens, tokens[:256], train_config.batch_size, train_config.seq_len,
                                        train_config.seed, device=device), rank, world)
@@ -177,7 +178,7 @@ def export_hub(directory, model) -> None:
     full weights are gathered to rank 0's CPU and written there. Call on every rank."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from qwen3_scratch.model import Qwen3Model
-    from qwen3_scratch.pretrain import unwrap
+    from qwen3_scratch.trainer import unwrap
     from qwen3_scratch.weights import save_pretrained
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() == 0:
@@ -190,7 +191,7 @@ def export_hub(directory, model) -> None:
 # %% notebooks/16_distributed.ipynb
 def train_parser():
     import argparse
-    from qwen3_scratch.pretrain import TrainConfig
+    from qwen3_scratch.trainer import TrainConfig
     d = TrainConfig()
     p = argparse.ArgumentParser(prog="torchrun --nproc_per_node N -m qwen3_scratch train", description=(
         "Chapter 12's training on N processes (chapter 16): DDP or FSDP2, over NCCL on GPUs or gloo on CPUs. Writes "
@@ -229,7 +230,7 @@ def main(argv=None) -> int:
         problem = f"--resume: {out / 'sharded'} holds no sharded training state"
     elif not args.resume and out.is_dir() and any(out.iterdir()):
         problem = f"--out {out}: folder exists and is not empty; pass --resume to continue it, or choose another"
-    texts, problem = (None, problem) if problem else pretrain._read_texts(args.text)
+    texts, problem = (None, problem) if problem else pretrain.read_texts(args.text)
     if problem:  # every rank finds the same problem, before any process group or file exists
         print(f"error: {problem}", file=sys.stderr)
         return 2
@@ -244,7 +245,8 @@ def main(argv=None) -> int:
 def train_setup(args, texts: list, tokenizer) -> tuple:
     """(model config, TrainConfig, training token stream) for the command's arguments: chapter 12's tiny Qwen3
     scaled by --hidden-size/--layers, its schedule, the first ~90% of the text (split_texts)."""
-    from qwen3_scratch.pretrain import TrainConfig, encode_documents, split_texts, tiny_config
+    from qwen3_scratch.trainer import TrainConfig
+    from qwen3_scratch.pretrain import encode_documents, split_texts, tiny_config
     model_config = tiny_config(tokenizer.vocab_size, hidden_size=args.hidden_size, num_hidden_layers=args.layers,
                                num_attention_heads=args.hidden_size // 64,
                                num_key_value_heads=max(1, args.hidden_size // 128),

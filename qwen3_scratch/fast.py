@@ -64,6 +64,11 @@ class FixedShapeKVCache:
     def reset(self):
         self.pos.zero_()
 
+    def rewind(self, pos):
+        """Keep slots 0 .. pos-1 (chapter 20 takes back rejected draft tokens); unchecked, since reading the
+        position back would make the host wait for the device."""
+        self.pos.fill_(pos)
+
     def nbytes(self):
         return sum(b.nbytes for b in self.k + self.v)
 
@@ -81,17 +86,18 @@ def cache_length(model, need: int, max_len=None) -> int:
     return max_len
 
 
-def forward_step(model, cache, input_ids):
+def forward_step(model, cache, input_ids, last_only=True):
     """input_ids (B, T) at the cache's next T positions -> logits of the last one (B, V), through the model's own
-    forward. T > 1 is the prefill (eager, any length); T == 1 the decode step, whose shapes never change."""
+    forward. T > 1 is the prefill (eager, any length); T == 1 the decode step, whose shapes never change.
+    last_only=False: the logits of all T, (B, T, V) (chapter 20 checks T drafted tokens in one pass)."""
     B, T = input_ids.shape
     positions = cache.positions(T)  # (T,)
     mask = cache.mask(positions)
     if "sliding_attention" in model.config.layer_types:  # chapter 15: one mask per kind of layer
         mask = {"full_attention": mask, "sliding_attention": cache.mask(positions, model.config.sliding_window)}
-    logits = model(input_ids, position_ids=positions.expand(B, T), kv_cache=cache, last_only=True,
-                   mask=mask)  # (B, 1, V)
-    return logits[:, -1]  # (B, V)
+    logits = model(input_ids, position_ids=positions.expand(B, T), kv_cache=cache, last_only=last_only,
+                   mask=mask)  # (B, 1, V), or (B, T, V)
+    return logits[:, -1] if last_only else logits  # (B, V) or (B, T, V)
 
 
 # %% notebooks/11_benchmarks.ipynb

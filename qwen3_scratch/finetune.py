@@ -24,7 +24,7 @@ import torch
 
 from qwen3_scratch.generate import generate
 from qwen3_scratch.lora import ALL_LINEAR, LoRAConfig, apply_lora, merge_lora, save_adapter, trainable_parameters
-from qwen3_scratch.pretrain import IGNORE_INDEX, TrainConfig, make_optimizer, train
+from qwen3_scratch.trainer import IGNORE_INDEX, make_optimizer, train, TrainConfig
 from qwen3_scratch.tokenizer import Qwen3Tokenizer, render_chat
 from qwen3_scratch.utils import default_device, device_name
 from qwen3_scratch.weights import load_pretrained, read_config, resolve_checkpoint, save_pretrained

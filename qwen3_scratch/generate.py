@@ -290,17 +290,21 @@ class ChatSession:
     (which drops the thinking of earlier assistant turns), streams each reply and splits it into thinking
     and answer. Sampling defaults to the model card's recommendation for the current mode; set
     temperature=0 for greedy. enable_thinking can be switched between turns. split_special_tokens=True: text
-    like `<|im_start|>` inside a message is plain text, not a control token (chapter 1). thinking_budget=N ends
-    the thinking after N tokens with Qwen3's message (chapter 18)."""
+    like `<|im_start|>` inside a message is plain text, not a control token (chapter 1). decode: a function with
+    stream_generate's signature that produces the reply (chapter 20 passes its speculative decoding here).
+    thinking_budget=N ends the thinking after N tokens with Qwen3's message (chapter 18)."""
 
     def __init__(self, model, tokenizer=None, system=None, enable_thinking=True, max_new_tokens=1024,
                  temperature=None, top_k=None, top_p=None, generator=None, split_special_tokens=False,
-                 thinking_budget=None):
+                 decode=None, thinking_budget=None):
+        if decode is not None and thinking_budget is not None:
+            raise ValueError("thinking_budget needs stream_generate's token_filter: it cannot be combined with decode")
         self.model, self.tokenizer = model, tokenizer or Qwen3Tokenizer()
         self.system, self.enable_thinking, self.max_new_tokens = system, enable_thinking, max_new_tokens
         self.overrides = dict(temperature=temperature, top_k=top_k, top_p=top_p)
         self.generator, self.last_reply = generator, None
         self.split_special_tokens = split_special_tokens  # True: special-token text in messages stays plain text
+        self.decode = decode or stream_generate
         self.thinking_budget = thinking_budget  # None: think as long as the model likes
         self.reset()
 
@@ -330,13 +334,14 @@ class ChatSession:
                              f"max_position_embeddings={limit}: reset() to start again")
         device = next(self.model.parameters()).device
         prompt = torch.tensor([ids], device=device)  # (1, T)
-        budget = None
+        budget, extra = None, {}
         if self.thinking_budget is not None:
             from qwen3_scratch.thinking import BudgetFilter  # chapter 18 builds the thinking budget
             budget = BudgetFilter(self.tokenizer, self.thinking_budget, [ids])
-        steps = stream_generate(self.model, prompt, min(self.max_new_tokens, limit - len(ids)),
-                                eos_token_id=self.tokenizer.stop_token_ids, generator=self.generator,
-                                token_filter=budget, **self.sampling())
+            extra = {"token_filter": budget}
+        steps = self.decode(self.model, prompt, min(self.max_new_tokens, limit - len(ids)),
+                            eos_token_id=self.tokenizer.stop_token_ids, generator=self.generator, **extra,
+                            **self.sampling())
         return self._reply(user_text, steps, budget)
 
     def _reply(self, user_text, steps, budget=None):

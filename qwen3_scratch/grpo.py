@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from qwen3_scratch.generate import generate
-from qwen3_scratch.pretrain import TrainConfig, make_optimizer
+from qwen3_scratch.trainer import TrainConfig, make_optimizer
 
 
 # %% notebooks/18_thinking.ipynb

@@ -91,6 +91,15 @@ class KVCache:
         """Forget everything (the buffers are kept and simply overwritten)."""
         self.pos = 0
 
+    def rewind(self, pos):
+        """Keep slots 0 .. pos-1 and forget the rest: the next token is written at slot `pos` (chapter 20's
+        speculative decoding takes back the drafted tokens the target rejected; transformers calls this `crop`).
+        Nothing is erased: a forward reads slots 0 .. pos+T-1 only, and overwrites the forgotten ones."""
+        if isinstance(pos, bool) or not isinstance(pos, int) or not 0 <= pos <= self.pos:
+            raise ValueError(f"KVCache.rewind: pos must be an integer from 0 to the {self.pos} slots filled, "
+                             f"got {pos!r}")
+        self.pos = pos
+
     def nbytes(self):
         """Memory held by the two buffers, whether filled or not (all max_len slots, unless grown in blocks)."""
         return self.k.nbytes + self.v.nbytes

@@ -17,35 +17,35 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from qwen3_scratch.kv_cache import check_cache_length
+from qwen3_scratch.kv_cache import KVCache, check_cache_length
 from qwen3_scratch.model import Qwen3Model
 from qwen3_scratch.rope import RotaryEmbedding
 
 
 # %% notebooks/15_long_context.ipynb
-class RollingKVCache:
-    """Chapter 9's cache protocol (update(layer_idx, k, v) -> the layer's keys and values, advance(T), pos) for models
-    with sliding-window layers. A full layer holds max_len slots, allocated up front; a sliding layer of window W only
-    its last W - 1 keys, in slot order: update returns those plus the T new ones (slots first_slot() .. pos+T-1),
-    then keeps the last W - 1. Memory: O(max_len) per full layer, O(W) per sliding layer, whatever the context."""
+class RollingKVCache(KVCache):
+    """Chapter 9's KVCache for models with sliding-window layers. Full-attention layers live in the parent's buffers
+    (all max_len slots, allocated up front, written in place); a sliding layer of window W holds only its last W - 1
+    keys, in slot order: update returns those plus the T new ones (slots first_slot() .. pos+T-1), then keeps the
+    last W - 1. Memory: O(max_len) per full layer, O(W) per sliding layer, whatever the context."""
 
     def __init__(self, layer_types, batch_size, max_len, num_kv_heads, head_dim, window=None, dtype=torch.float32,
                  device=None):
         self.layer_types = list(layer_types)
-        if "sliding_attention" in self.layer_types and (not isinstance(window, int) or window <= 0):
+        if "sliding_attention" in self.layer_types and (isinstance(window, bool) or not isinstance(window, int)
+                                                        or window <= 0):
             raise ValueError(f"RollingKVCache: sliding layers need a positive integer window, got {window!r}")
-        for name, value in (("batch_size", batch_size), ("max_len", max_len), ("num_kv_heads", num_kv_heads),
-                            ("head_dim", head_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"RollingKVCache: {name} must be a positive integer, got {value!r}")
-        self.window, self.max_len, self.pos = window, max_len, 0
+        full = [i for i, kind in enumerate(self.layer_types) if kind == "full_attention"]
+        # the parent holds the full layers only; with none, one block of one slot that nobody writes
+        super().__init__(max(1, len(full)), batch_size, max_len, num_kv_heads, head_dim, dtype, device,
+                         block_size=None if full else 1)
+        self.full_index = {layer: j for j, layer in enumerate(full)}  # model layer -> row of the parent's buffers
+        self.window = window
         self.keep = min(window - 1, max_len) if window else 0  # slots a sliding layer holds between calls
-        self.k, self.v = [], []
-        for kind in self.layer_types:
-            slots = max_len if kind == "full_attention" else self.keep
-            shape = (batch_size, num_kv_heads, slots, head_dim)  # (B, K, slots, Dh)
-            self.k.append(torch.zeros(shape, dtype=dtype, device=device))
-            self.v.append(torch.zeros(shape, dtype=dtype, device=device))
+        shape = (batch_size, num_kv_heads, self.keep, head_dim)  # (B, K, W - 1, Dh)
+        self.sliding = {layer: (torch.zeros(shape, dtype=dtype, device=device),
+                                torch.zeros(shape, dtype=dtype, device=device))
+                        for layer, kind in enumerate(self.layer_types) if kind == "sliding_attention"}
 
     @classmethod
     def for_model(cls, model, batch_size, max_len, dtype=None, device=None):
@@ -62,41 +62,40 @@ class RollingKVCache:
 
     def update(self, layer_idx, k, v):
         """k, v (B, K, T, Dh) for slots pos .. pos+T-1 -> the layer's keys and values: (B, K, pos+T, Dh) for a full
-        layer (views of its buffers), (B, K, kept+T, Dh) for a sliding one (slots first_slot() .. pos+T-1)."""
-        B, K, _, Dh = self.k[layer_idx].shape
+        layer (the parent's update: views of its buffers), (B, K, kept+T, Dh) for a sliding one (slots
+        first_slot() .. pos+T-1, a new tensor)."""
+        if layer_idx in self.full_index:
+            return super().update(self.full_index[layer_idx], k, v)
+        kb, vb = self.sliding[layer_idx]
+        B, K, _, Dh = kb.shape
         if k.shape != v.shape or k.dim() != 4 or (k.shape[0], k.shape[1], k.shape[3]) != (B, K, Dh):
             raise ValueError(f"RollingKVCache.update: k and v must be (B={B}, K={K}, T, Dh={Dh}), "
                              f"got {tuple(k.shape)} and {tuple(v.shape)}")
         end = self.pos + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache is full: {self.pos} cached + {k.shape[2]} new tokens > max_len={self.max_len}")
-        kb, vb = self.k[layer_idx], self.v[layer_idx]
-        if self.layer_types[layer_idx] == "full_attention":
-            kb[:, :, self.pos:end], vb[:, :, self.pos:end] = k, v
-            return kb[:, :, :end], vb[:, :, :end]
         kept = min(self.pos, self.keep)
-        k_all = torch.cat([kb[:, :, :kept], k], dim=2)  # (B, K, kept + T, Dh): a new tensor, not a view
+        k_all = torch.cat([kb[:, :, :kept], k], dim=2)  # (B, K, kept + T, Dh)
         v_all = torch.cat([vb[:, :, :kept], v], dim=2)
         n = min(end, self.keep)  # the last W - 1 (or all, early on) stay for the next call
         if n:
             kb[:, :, :n], vb[:, :, :n] = k_all[:, :, -n:], v_all[:, :, -n:]
         return k_all, v_all
 
-    def advance(self, T):
-        if self.pos + T > self.max_len:
-            raise ValueError(f"KV cache is full: cannot advance {self.pos} + {T} past max_len={self.max_len}")
-        self.pos += T
-
-    def reset(self):
-        self.pos = 0
+    def rewind(self, pos):
+        """Chapter 20's rewind, where it is exact: while no sliding layer has dropped a key (first_slot() == 0) its
+        buffer holds slots 0 .. pos-1 in place, so forgetting the last ones is the parent's pos = pos."""
+        if self.sliding and pos != self.pos and self.first_slot() > 0:
+            raise ValueError(f"RollingKVCache.rewind: the sliding layers have dropped slots 0 .. "
+                             f"{self.first_slot() - 1}, which keys before pos={pos!r} need again")
+        super().rewind(pos)
 
     def nbytes(self):
         """Memory held by every layer's buffers."""
-        return sum(t.nbytes for t in self.k + self.v)
+        return super().nbytes() + sum(kb.nbytes + vb.nbytes for kb, vb in self.sliding.values())
 
     def __repr__(self):
-        slides = self.layer_types.count("sliding_attention")
-        return (f"RollingKVCache(layers={len(self.layer_types)}, sliding={slides}, window={self.window}, "
+        return (f"RollingKVCache(layers={len(self.layer_types)}, sliding={len(self.sliding)}, window={self.window}, "
                 f"filled={self.pos}/{self.max_len}, {self.nbytes() / 2**20:.2f} MiB)")
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qwen3_scratch.utils import count_module_params
-from qwen3_scratch.weights import CheckpointError, check_tensors, checkpoint_name, read_safetensors_header
+from qwen3_scratch.utils import count_module_params, read_json_object
+from qwen3_scratch.checkpoint import CheckpointError, check_tensors, checkpoint_name, read_safetensors_header
 
 
 # %% notebooks/13_finetuning.ipynb
@@ -241,15 +241,9 @@ def save_adapter(model: nn.Module, directory, base_model_name_or_path: str | Non
 def read_adapter_config(directory) -> LoRAConfig:
     """adapter_config.json (ours or PEFT's) -> LoRAConfig; refuses what this module does not implement."""
     path = Path(directory) / ADAPTER_CONFIG
-    if not path.is_file():
-        raise CheckpointError(f"{path} not found: an adapter folder needs its {ADAPTER_CONFIG}")
-    try:
-        raw = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict) or raw.get("peft_type") != "LORA":
-        raise CheckpointError(f"{path}: peft_type {raw.get('peft_type') if isinstance(raw, dict) else None!r} "
-                              "is not supported (only 'LORA')")
+    raw = read_json_object(path, CheckpointError, not_found=f"an adapter folder needs its {ADAPTER_CONFIG}")
+    if raw.get("peft_type") != "LORA":
+        raise CheckpointError(f"{path}: peft_type {raw.get('peft_type')!r} is not supported (only 'LORA')")
     unsupported = [f"{k}={raw[k]!r}" for k, off in _PEFT_OFF.items() if raw.get(k, off) not in (off, None, {}, [])]
     if unsupported:
         raise CheckpointError(f"{path}: PEFT feature(s) not implemented here: {', '.join(unsupported)}")

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from qwen3_scratch.attention import Qwen3Attention
+from qwen3_scratch.attention import Qwen3Attention, check_attn_implementation
 from qwen3_scratch.config import Qwen3Config
 from qwen3_scratch.mlp import SwiGLU
 from qwen3_scratch.moe import Qwen3MoE
@@ -74,9 +74,10 @@ def build_mask(T: int, past: int, attention_mask=None, device=None, window=None,
 # %% notebooks/07_model.ipynb
 class Qwen3Model(nn.Module):
     """The Qwen3 / Qwen3-MoE decoder: embed_tokens -> layers -> norm -> lm_head (tied to embed_tokens when
-    config.tie_word_embeddings). forward(input_ids (B, T)) -> logits (B, T, V)."""
+    config.tie_word_embeddings). forward(input_ids (B, T)) -> logits (B, T, V). attn_implementation: see
+    set_attn_implementation."""
 
-    def __init__(self, config: Qwen3Config):
+    def __init__(self, config: Qwen3Config, attn_implementation: str = "sdpa"):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)  # (V, D)
@@ -91,6 +92,20 @@ class Qwen3Model(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)  # weight (V, D)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight  # one Parameter, used twice
+        self.set_attn_implementation(attn_implementation)
+
+    def set_attn_implementation(self, name: str) -> "Qwen3Model":
+        """Which attention every layer runs, by chapter 04's registry name as transformers spells it: "sdpa"
+        (default), "eager"; chapter 21 adds "flash" and "triton". An unknown name, or one that cannot run on this
+        machine, gets a one-line ValueError (load_pretrained also checks the device it loads onto). Returns self."""
+        check_attn_implementation(name)
+        for layer in self.layers:
+            layer.self_attn.attn_implementation = name
+        return self
+
+    @property
+    def attn_implementation(self) -> str:
+        return self.layers[0].self_attn.attn_implementation if len(self.layers) else "sdpa"
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, kv_cache=None, last_only=False,
                 mask=None):

@@ -27,12 +27,13 @@ from qwen3_scratch.config import Qwen3Config
 from qwen3_scratch.finetune import ChatBatches
 from qwen3_scratch.grpo import GRPOConfig, train_grpo
 from qwen3_scratch.model import Qwen3Model
-from qwen3_scratch.pretrain import TrainConfig, init_weights, make_optimizer, train
-from qwen3_scratch.reasoning import (budget_cut_example, conversation, draw_problems, encode_last_turn,
+from qwen3_scratch.pretrain import init_weights
+from qwen3_scratch.reasoning import (budget_cut_example, complete, conversation, draw_problems, encode_last_turn,
                                      evaluate, evaluate_seeds, fusion_conversations, prompt_ids, rejection_sample,
                                      reward, sample_scaling, save_chat_tokenizer)
 from qwen3_scratch.thinking import BUDGET_MESSAGE, ThinkingBudget
 from qwen3_scratch.tokenizer import Qwen3Tokenizer
+from qwen3_scratch.trainer import TrainConfig, make_optimizer, train
 from qwen3_scratch.utils import device_name, package_dir
 from qwen3_scratch.weights import load_pretrained, save_pretrained
 
@@ -270,7 +271,6 @@ def flag_check(model, tokenizer, cfg: LabConfig, exclude=()) -> dict:
     prompts = [tokenizer.apply_chat_template(
         [{"role": "user", "content": f"{q.question} /no_think"}, {"role": "assistant", "content": str(q.answer)},
          {"role": "user", "content": p.question}], tokenize=True) for q, p in zip(first, probs)]
-    from qwen3_scratch.thinking import complete
     replies = complete(model, tokenizer, prompts, 320)
     out["second_turn_after_no_think"] = {"empty_think": sum(c.thinking == "" for c in replies) / len(probs)}
     return out

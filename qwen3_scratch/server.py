@@ -4,7 +4,7 @@
 /v1/models, /v1/completions, /v1/chat/completions (streaming, usage, Qwen3 reasoning_content), /health;
 `python -m qwen3_scratch serve --model DIR`. Reference: OpenAI's API reference; vLLM's OpenAI-compatible server."""
 
-__all__ = ['StreamOptions', 'CompletionRequest', 'ChatMessage', 'ChatRequest', 'APIError', 'parse_body', 'TextStream', 'Generation', 'OpenAIServer', 'ServerThread', 'build_engine', 'build_parser', 'main']
+__all__ = ['TextStream', 'Generation', 'OpenAIServer', 'ServerThread', 'build_engine', 'build_parser', 'main']
 
 
 # %% notebooks/17_serving.ipynb
@@ -15,94 +15,16 @@ import sys
 import threading
 import time
 import uuid
-from typing import Literal
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
+from fastapi.responses import StreamingResponse
 
 from qwen3_scratch.engine import AsyncEngine, LLMEngine, QueueFull
 from qwen3_scratch.generate import ThinkingSplitter
+from qwen3_scratch.openai_protocol import APIError, ChatMessage, ChatRequest, CompletionRequest, parse_body
 from qwen3_scratch.scheduler import SamplingParams
 from qwen3_scratch.tokenizer import StreamDecoder
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, logit_bias: None ...)
-    model: str
-    max_tokens: int | None = None
-    temperature: float | None = None  # None (or absent): 1.0, as OpenAI
-    top_p: float | None = None
-    top_k: int | None = None  # not OpenAI's, but vLLM's and Qwen3's model card's
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    n: int | None = 1
-    logprobs: bool | int | None = None  # refused when asked for: this server does not return them
-
-
-class CompletionRequest(_Request):
-    prompt: str | list[int]
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant", "tool"]
-    content: str | list[dict] | None = None
-    reasoning_content: str | None = None
-
-
-class ChatRequest(_Request):
-    messages: list[ChatMessage]
-    max_completion_tokens: int | None = None
-    chat_template_kwargs: dict | None = None
-    thinking_budget: int | None = None  # chapter 18: end the thinking after this many tokens (Qwen3's message)
-
-
-# %% notebooks/17_serving.ipynb
-class APIError(Exception):
-    """An error the client caused (4xx) or must retry (503), answered as OpenAI's JSON error object."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
-
-    def response(self) -> JSONResponse:
-        kind = ("invalid_request_error" if self.status < 500 else "service_unavailable_error" if self.status == 503
-                else "server_error")
-        body = {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
-
-
-_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "list[str]", "list[int]", "list[dict[str,any]]"}
-
-
-async def parse_body(request: Request, schema):
-    """The JSON body, validated against a pydantic schema; any problem is an APIError naming the field."""
-    try:
-        body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"malformed JSON body: {e}", code="invalid_json")
-    if not isinstance(body, dict):
-        raise APIError(400, f"the body must be a JSON object, got {type(body).__name__}", code="invalid_json")
-    try:
-        return schema.model_validate(body)
-    except ValidationError as e:
-        err = e.errors()[0]
-        path = []
-        for part in err["loc"]:  # ('messages', 0, 'content', 'str'): drop the union member tags
-            if isinstance(part, str) and (part.replace(" ", "").lower() in _TYPE_TAGS or "[" in part):
-                break
-            path.append(str(part))
-        param = ".".join(path) or None
-        raise APIError(400, f"{param}: {err['msg']}" if param else err["msg"], param=param, code="invalid_value")
 
 
 # %% notebooks/17_serving.ipynb
@@ -485,15 +407,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    """`python -m qwen3_scratch serve --model DIR [--host 127.0.0.1] [--port 8000] [--max-batch N] ...`; also
-    `serve-bench ...`, the benchmark (serve_bench.bench_main). The command name may lead argv."""
+    """`python -m qwen3_scratch serve --model DIR [--host 127.0.0.1] [--port 8000] [--max-batch N] ...`. The
+    command name may lead argv. (Its benchmark, `serve-bench`, is the lab's: lab/serve_bench.py.)"""
     from qwen3_scratch.cli import load_model_and_tokenizer
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["serve-bench"]:
-        from qwen3_scratch.serve_bench import bench_main
-        bench_main(argv[1:])
-        return 0
     argv = argv[1:] if argv[:1] == ["serve"] else argv
     try:
         args = build_parser().parse_args(argv)

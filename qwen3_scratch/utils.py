@@ -2,13 +2,14 @@
 # Edit the notebook, then run `python tools/nb.py export`.
 """Small helpers shared by every chapter (chapter 00 owns them): where the package and the figures are, which
 device to use, dtype names, what this machine supports, and how many parameters a module really has (tied
-weights counted once)."""
+weights counted once), and the one reader of JSON files."""
 
-__all__ = ['package_dir', 'figures_dir', 'quick_run', 'save_figure', 'default_device', 'device_name', 'cpu_model', 'DTYPE_CHOICES', 'parse_dtype', 'env_report', 'print_env', 'default_threads', 'count_module_params']
+__all__ = ['package_dir', 'figures_dir', 'quick_run', 'save_figure', 'default_device', 'device_name', 'cpu_model', 'DTYPE_CHOICES', 'parse_dtype', 'env_report', 'print_env', 'default_threads', 'count_module_params', 'read_json_object']
 
 
 # %% notebooks/00_setup.ipynb
 import importlib.util
+import json
 import os
 import platform
 from pathlib import Path
@@ -176,3 +177,24 @@ def count_module_params(module: nn.Module, unique: bool = True) -> int:
             seen.add(key)
             total += p.numel()
     return total
+
+
+# %% notebooks/00_setup.ipynb
+def read_json_object(path, error: type = ValueError, not_found: str | None = None) -> dict:
+    """The JSON object stored in the file at `path`. Raises `error` (a ValueError subclass of the caller's
+    choice) with a one-line message naming the file when it is not UTF-8, not JSON (line and column), or not an
+    object; a missing file raises FileNotFoundError, or `error` with the hint `not_found` when one is given."""
+    path = Path(path)
+    if not path.is_file():
+        if not_found is None:
+            raise FileNotFoundError(f"{path} not found")
+        raise error(f"{path} not found: {not_found}")
+    try:
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    if not isinstance(raw, dict):
+        raise error(f"{path}: expected a JSON object {{...}}, found {type(raw).__name__}")
+    return raw

@@ -1,8 +1,14 @@
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # chapter 21's Triton kernels run on CPU tensors in Triton's interpreter, which is read when triton is imported;
+    # transformers and torch.compile import it, so switch it on before any test module (or notebook kernel) starts
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))  # `import hf_ref` from any test
 

@@ -1,5 +1,5 @@
 """Chapter 11's benchmark module: the KV-bytes formula, measured == computed, the roofline arithmetic, porting
-weights to transformers, and the results writer behind `python -m qwen3_scratch.bench`. No timed assertions."""
+weights to transformers, and the results writer behind `python -m qwen3_scratch bench`. No timed assertions."""
 import csv
 import dataclasses
 import json
@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from hf_ref import tiny_kwargs
-from qwen3_scratch.bench import (CSV_FIELDS, attention_variants, bench_config, cache_vs_nocache, decode_latency,
-                                 main, measure_kv_cache_bytes, measure_read_bandwidth, random_model,
-                                 roofline_bandwidth, roofline_seconds, spread, to_transformers, weight_bytes_per_token)
+from qwen3_scratch.lab.bench_run import CSV_FIELDS, main
+from qwen3_scratch.lab.bench import (attention_variants, bench_config, cache_vs_nocache, decode_latency,
+                                     measure_kv_cache_bytes, measure_read_bandwidth, random_model,
+                                     roofline_bandwidth, roofline_seconds, spread, weight_bytes_per_token)
+from qwen3_scratch.hf_port import to_transformers
 from qwen3_scratch.kv_cache import kv_bytes_per_token, kv_cache_bytes
 from qwen3_scratch.config import Qwen3Config
 
@@ -143,7 +145,7 @@ def test_spread_and_roofline_bandwidth():
 
 
 def test_default_output_is_outside_the_repository(tmp_path, monkeypatch):
-    """`python -m qwen3_scratch.bench` with no --out / --figures writes into ./bench_out, not results/ or figures/."""
+    """`python -m qwen3_scratch bench` with no --out / --figures writes into ./bench_out, not results/ or figures/."""
     from qwen3_scratch.model import Qwen3Model
     from qwen3_scratch.weights import save_pretrained
     torch.manual_seed(0)

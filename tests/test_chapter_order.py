@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-EXPORT = re.compile(r"^#\|\s*(default_exp|export|exporti)\s*(\w*)", re.M)
+EXPORT = re.compile(r"^#\|\s*(default_exp|export|exporti)\s*([\w.]*)", re.M)
 
 
 def _code(path):
@@ -49,13 +49,13 @@ def imported_modules(src: str) -> set[str]:
     mods = set()
     for node in _outside_functions(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("qwen3_scratch"):
-            parts = node.module.split(".")
-            if len(parts) > 1:
-                mods.add(parts[1])
-            else:  # from qwen3_scratch import X: X is a module or a public name of __init__
-                mods.update(a.name for a in node.names)
+            inner = node.module.partition(".")[2]  # "config", "lab.bench", or "" for the package itself
+            if inner and inner != "lab":
+                mods.add(inner)
+            else:  # from qwen3_scratch import X / from qwen3_scratch.lab import X: X is a module or a public name
+                mods.update(f"{inner}.{a.name}" if inner else a.name for a in node.names)
         elif isinstance(node, ast.Import):
-            mods.update(a.name.split(".")[1] for a in node.names if a.name.startswith("qwen3_scratch."))
+            mods.update(a.name.partition(".")[2] for a in node.names if a.name.startswith("qwen3_scratch."))
     return mods
 
 
@@ -79,5 +79,6 @@ def test_every_chapter_imports_only_earlier_chapters():
 
 def test_the_import_reader_sees_every_form():
     src = ("from qwen3_scratch.config import Qwen3Config\nimport qwen3_scratch.model as m\nfrom qwen3_scratch import generate\n"
-           "!ls\nif True:\n    from qwen3_scratch.rope import apply_rope\ndef f():\n    from qwen3_scratch.quant import x\n")
-    assert imported_modules(src) == {"config", "model", "generate", "rope"}
+           "!ls\nif True:\n    from qwen3_scratch.rope import apply_rope\ndef f():\n    from qwen3_scratch.quant import x\n"
+           "from qwen3_scratch.lab.bench import spread\nfrom qwen3_scratch.lab import quant_bench\n")
+    assert imported_modules(src) == {"config", "model", "generate", "rope", "lab.bench", "lab.quant_bench"}

@@ -3,6 +3,7 @@ full vocabulary, so the real tokenizer fits), piped stdin drives the chat, and e
 import io
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -251,3 +252,50 @@ def test_invalid_utf8_line_in_chat_is_skipped(checkpoint):
                                            ("cpu:3", ["--device cpu:3", "not usable"])])
 def test_bad_devices_are_one_line(checkpoint, device, words):
     one_line_error(*run(["generate", "--model", checkpoint[0], "--prompt", "x", "--device", device]), *words)
+
+
+# ---------------------------------------------------------------- chapter 20: --draft (speculative decoding)
+@pytest.fixture(scope="module")
+def draft_checkpoint(tmp_path_factory, checkpoint):
+    """A draft for the tiny checkpoint: its own first layer (the same vocabulary, the bundled tokenizer)."""
+    import copy
+    import dataclasses
+    _, model = checkpoint
+    draft = copy.deepcopy(model)
+    draft.layers = draft.layers[:1]
+    draft.config = dataclasses.replace(model.config, num_hidden_layers=1)
+    folder = tmp_path_factory.mktemp("tiny_draft")
+    save_pretrained(draft, folder)
+    return str(folder)
+
+
+def test_generate_with_a_draft_prints_the_same_text(checkpoint, draft_checkpoint):
+    folder, _ = checkpoint
+    for argv in (["generate", "--model", folder, "--prompt", "Once upon a time", "--max-new-tokens", "12"],
+                 ["generate", "--model", folder, "--prompt", "Hi!", "--chat", "--no-think", "--temperature", "0",
+                  "--max-new-tokens", "6"]):
+        status, plain, err = run(argv)
+        assert status == 0 and err == ""
+        for k in (("1", "3") if "--chat" not in argv else ("2",)):
+            status, out, err = run(argv + ["--draft", draft_checkpoint, "--draft-tokens", k])
+            assert status == 0 and out == plain, "a draft may only change the speed, never the greedy text"
+            assert err.startswith("speculative decoding: ") and err.count("\n") == 1, "statistics: one line on stderr"
+
+
+def test_chat_with_a_draft_prints_the_same_replies(checkpoint, draft_checkpoint):
+    argv, stdin = ["chat", "--model", checkpoint[0], "--max-new-tokens", "5", "--temperature", "0"], "hello\nagain\n"
+    plain, spec = run(argv, stdin), run(argv + ["--draft", draft_checkpoint], stdin)
+    assert spec[0] == 0 and spec[1] == plain[1]
+    assert spec[2].count("speculative decoding: ") == 2, "one line of statistics per reply"
+
+
+def test_draft_errors_are_one_line(checkpoint, tmp_path):
+    folder = checkpoint[0]
+    shakespeare = str(Path(__file__).resolve().parent.parent / "qwen3_scratch" / "data" / "shakespeare" / "model")
+    status, out, err = run(["generate", "--model", folder, "--prompt", "x", "--draft", shakespeare])
+    one_line_error(status, out, err, "--draft", "tokenizer differs")
+    status, out, err = run(["generate", "--model", folder, "--prompt", "x", "--draft", str(tmp_path / "nope")])
+    one_line_error(status, out, err, "nope")
+    for extra in (["--draft-tokens", "0", "--draft", folder], ["--draft-tokens", "3"], ["--draft", folder, "--tp", "2"]):
+        status, _, err = run(["generate", "--model", folder, "--prompt", "x"] + extra)
+        assert status == 2 and err.startswith("error: --draft") and err.count("\n") == 1, err

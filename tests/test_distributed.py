@@ -131,7 +131,8 @@ def test_generate_tp_refusals(tiny_checkpoint):
 # ---- data parallel and fully sharded training (chapter 12's loop) ----
 
 def _small_run():
-    from qwen3_scratch.pretrain import TrainConfig, tiny_config
+    from qwen3_scratch.trainer import TrainConfig
+    from qwen3_scratch.pretrain import tiny_config
     cfg = tiny_config(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=64)
     tcfg = TrainConfig(steps=4, batch_size=8, seq_len=32, lr=1e-2, min_lr=1e-3, warmup_steps=2, eval_every=10**6,

@@ -72,6 +72,24 @@ def test_prefill_and_decode_logits_match_the_plain_forward():
         torch.testing.assert_close(step, model(ids[:, 8:9], kv_cache=plain)[:, -1], rtol=1e-5, atol=1e-5)
 
 
+def test_all_logits_and_rewind_for_speculative_decoding():
+    """Chapter 20's verify pass: last_only=False gives the logits of every new token, and rewind(pos) takes tokens
+    back so that the next forward sees only the slots before pos."""
+    model = tiny_model()
+    ids, wrong = torch.randint(0, 256, (1, 9)), torch.randint(0, 256, (1, 3))
+    cache = FixedShapeKVCache.for_model(model, 1, 16)
+    with torch.no_grad():
+        full = model(ids)  # (1, 9, V)
+        forward_step(model, cache, ids[:, :5])
+        forward_step(model, cache, wrong, last_only=False)  # slots 5..7, then taken back
+        pos = cache.pos
+        cache.rewind(5)
+        assert cache.pos is pos and cache.pos.tolist() == [5], "rewind moves pos in place (same tensor)"
+        logits = forward_step(model, cache, ids[:, 5:], last_only=False)  # (1, 4, V)
+    assert logits.shape == (1, 4, 256)
+    torch.testing.assert_close(logits, full[:, 5:], rtol=1e-5, atol=1e-5)
+
+
 def test_masked_decode_step_folds_query_heads_instead_of_enable_gqa(monkeypatch):
     """Chapter 4's attention: a single query with a mask goes to SDPA as (B, K, G, Dh), without enable_gqa (the
     combination that falls back to the math kernel on CUDA), and gives the same logits."""

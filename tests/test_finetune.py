@@ -11,7 +11,8 @@ from qwen3_scratch.corpus import save_tokenizer, train_tokenizer
 from qwen3_scratch.finetune import (ChatBatches, ChatDataError, encode_chat, encode_conversations, finetune, main,
                                     read_chat_jsonl, sft_config)
 from qwen3_scratch.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRAConfig, load_adapter, merge_lora
-from qwen3_scratch.pretrain import IGNORE_INDEX, init_weights, tiny_config
+from qwen3_scratch.trainer import IGNORE_INDEX
+from qwen3_scratch.pretrain import init_weights, tiny_config
 
 WORDS = "king queen lord lady sword crown ring horse rose heart night moon star sea fire gold".split()
 

@@ -167,3 +167,26 @@ def test_for_model_is_bounded_by_the_context_window():
     with pytest.raises(ValueError, match=r"max_len=10000000 is longer than .* max_position_embeddings=100"):
         check_cache_length(model, 10**7)
     assert KVCache.for_model(model, 1, 100).max_len == 100
+
+
+@torch.no_grad()
+def test_rewind_forgets_the_later_slots(model):
+    """Chapter 20 takes back rejected draft tokens: after rewind(pos) the cache behaves as if only seq[:pos] had been
+    read, in a cache that grows in blocks too (the forgotten slots are overwritten, never read)."""
+    seq, guesses = ids(1, 9, seed=3), ids(1, 3, seed=4)
+    for block_size in (None, 2):
+        cache = KVCache.for_model(model, 1, 12, block_size=block_size)
+        model(seq[:, :6], kv_cache=cache)
+        model(guesses, kv_cache=cache)  # slots 6..8: three tokens that turn out wrong
+        cache.rewind(6)
+        assert cache.pos == 6
+        redo = model(seq[:, 6:], kv_cache=cache)  # (1, 3, V) at slots 6..8
+        fresh = KVCache.for_model(model, 1, 12)
+        full = model(seq, kv_cache=fresh)
+        torch.testing.assert_close(redo, full[:, 6:], atol=1e-5, rtol=0)
+        torch.testing.assert_close(cache.k[:, :, :, :9], fresh.k[:, :, :, :9], atol=1e-5, rtol=0)
+        cache.rewind(0)
+        assert cache.pos == 0
+    for bad in (-1, 1, 2.0, True, None):
+        with pytest.raises(ValueError, match="rewind: pos must be an integer from 0 to the 0 slots filled"):
+            cache.rewind(bad)

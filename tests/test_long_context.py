@@ -145,12 +145,31 @@ def test_rolling_cache_is_bounded_and_matches_the_plain_cache(hf_window):
             b = model(seq[:, t:t + step], kv_cache=rolling)
             torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     assert rolling.pos == 60 and rolling.first_slot() == 60 - 7
-    assert [k.shape[2] for k in rolling.k] == [60, 7, 7], "W - 1 slots per sliding layer"
+    assert rolling.k.shape[3] == 60 and [kb.shape[2] for kb, _ in rolling.sliding.values()] == [7, 7], \
+        "max_len slots for the full layer (the parent KVCache), W - 1 per sliding layer"
     assert rolling.nbytes() < plain.nbytes()
     with pytest.raises(ValueError, match="KV cache is full"):
         model(seq[:, :1], kv_cache=rolling)
     with pytest.raises(ValueError, match="positive integer window"):
         RollingKVCache(["sliding_attention"], 1, 8, 1, 4, window=None)
+    assert isinstance(rolling, KVCache), "built on chapter 9's cache, not beside it"
+
+
+def test_rolling_cache_rewinds_only_where_it_is_exact():
+    hf = tiny_hf_model(use_sliding_window=True, sliding_window=8, max_window_layers=1, num_hidden_layers=3)
+    model = from_transformers(hf).eval()
+    seq = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        rolling, fresh = RollingKVCache.for_model(model, 1, 32), RollingKVCache.for_model(model, 1, 32)
+        model(seq[:, :6], kv_cache=rolling)  # 6 < W - 1 = 7 slots: nothing dropped yet
+        rolling.rewind(4)
+        a = model(seq[:, 4:9], kv_cache=rolling)
+        model(seq[:, :4], kv_cache=fresh)
+        b = model(seq[:, 4:9], kv_cache=fresh)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+        assert rolling.first_slot() > 0  # 9 tokens: slots 0 and 1 are gone from the sliding layers
+        with pytest.raises(ValueError, match="dropped slots"):
+            rolling.rewind(8)
 
 
 @pytest.mark.parametrize("window", [2, 3, 64])  # W = 1: transformers' sliding cache keeps every key (-0:)

@@ -12,7 +12,7 @@ from qwen3_scratch import Qwen3Model, save_pretrained
 from qwen3_scratch.hf_port import from_transformers
 from qwen3_scratch.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRAConfig, LoRALinear, adapter_key, apply_lora,
                                 load_adapter, merge_lora, save_adapter, trainable_parameters, unmerge_lora)
-from qwen3_scratch.weights import CheckpointError
+from qwen3_scratch.checkpoint import CheckpointError
 
 peft = pytest.importorskip("peft")
 

@@ -12,9 +12,9 @@ from qwen3_scratch import pretrain
 from qwen3_scratch.corpus import (CORPUS_FILE, SPECIAL_TOKENS, VALIDATION_PLAYS, load_plays, save_tokenizer,
                                   split_plays, train_tokenizer)
 from qwen3_scratch.model import Qwen3Model
-from qwen3_scratch.pretrain import (IGNORE_INDEX, TokenBatches, TrainConfig, init_weights, load_checkpoint,
-                                    lr_at, make_optimizer, next_token_loss, save_checkpoint, split_texts,
-                                    tiny_config, train, train_step)
+from qwen3_scratch.trainer import (IGNORE_INDEX, load_checkpoint, lr_at, make_optimizer, next_token_loss,
+                                   save_checkpoint, set_activation_checkpointing, train, train_step, TrainConfig)
+from qwen3_scratch.pretrain import init_weights, split_texts, tiny_config, TokenBatches
 from qwen3_scratch.tokenizer import Qwen3Tokenizer
 
 
@@ -109,7 +109,7 @@ def test_activation_checkpointing_same_gradients_less_saved(stream):
 
     def grads_and_saved(ckpt):
         m = _small()
-        pretrain.set_activation_checkpointing(m, ckpt)
+        set_activation_checkpointing(m, ckpt)
         params = {p.data_ptr() for p in m.parameters()}
         saved = []
         def pack(t):
@@ -207,7 +207,7 @@ def test_shipped_checkpoint_matches_transformers():
     theirs = hf.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=None, min_new_tokens=20)
     assert mine.tolist() == theirs.tolist()
     metrics = json.loads((folder / "metrics.json").read_text())
-    assert metrics["train_config"] == dataclasses.asdict(pretrain.TrainConfig()) and metrics["parameters"] == sum(
+    assert metrics["train_config"] == dataclasses.asdict(TrainConfig()) and metrics["parameters"] == sum(
         p.numel() for p in ours.parameters()), "the shipped model is the default run"
     assert metrics["val_loss"] < metrics["baselines"]["bigram"]["val_loss"] < metrics["baselines"]["unigram"]["val_loss"], \
         "the shipped model beats the bigram, which beats the unigram"

@@ -10,12 +10,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen3_scratch.config import Qwen3Config
-from qwen3_scratch.quant import (GROUP_SIZES, QuantEmbedding, QuantLinear, awq_search, check_scheme,
-                                 dequantize_int4, dequantize_int8, kernel_available, kernel_report, load_quantized,
-                                 logits_kl, model_bytes, output_error, pack_int4, quantize_int4, quantize_int8,
-                                 quantize_model, random_float_model, save_quantized, shared_copy, unpack_int4,
-                                 use_kernels)
-from qwen3_scratch.weights import CheckpointError, load_pretrained, save_pretrained
+from qwen3_scratch.quant import (check_scheme, dequantize_int4, dequantize_int8, GROUP_SIZES, kernel_available,
+                                 kernel_report, load_quantized, model_bytes, pack_int4, QuantEmbedding,
+                                 quantize_int4, quantize_int8, quantize_model, QuantLinear, save_quantized,
+                                 unpack_int4, use_kernels)
+from qwen3_scratch.awq import awq_search, output_error
+from qwen3_scratch.lab.quant_bench import logits_kl, random_float_model, shared_copy
+from qwen3_scratch.checkpoint import CheckpointError
+from qwen3_scratch.weights import load_pretrained, save_pretrained
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one torch thread
@@ -122,7 +124,7 @@ def test_untied_model_and_bf16():
 def test_save_reload_equal(model, tmp_path):
     torch.manual_seed(0)
     calib = [torch.randint(256, (1, 32))]
-    from qwen3_scratch.quant import awq_scales
+    from qwen3_scratch.awq import awq_scales
     scales, _ = awq_scales(model, calib, group_size=32)
     for scheme, pre in (("int8", None), ("int4", scales)):
         q = quantize_model(shared_copy(model), scheme, 32, pre_scales=pre)
@@ -222,11 +224,11 @@ def test_cli_quantize_flag(model, tmp_path, capsys):
 
 
 def test_bench_quick_runs(tmp_path, monkeypatch):
-    from qwen3_scratch import quant
+    from qwen3_scratch.lab import quant_bench as quant
     monkeypatch.setitem(quant.SETTINGS, "quick", dict(preset=None, context=4, warmup=0, repeats=1, kl_tokens=8,
                                                       val_tokens=512, layer_val_tokens=512))
     monkeypatch.setattr(quant, "shipped_model_data", lambda *a, **k: None)  # the trained model: in the notebook
-    monkeypatch.setattr("qwen3_scratch.bench.SMALL", dict(vocab_size=512, hidden_size=64, intermediate_size=128,
+    monkeypatch.setattr("qwen3_scratch.lab.bench.SMALL", dict(vocab_size=512, hidden_size=64, intermediate_size=128,
                                                           num_hidden_layers=2, num_attention_heads=4,
                                                           num_key_value_heads=2, head_dim=16))
     res = quant.main(["--quick", "--out", str(tmp_path), "--no-figures"])

@@ -6,7 +6,8 @@ import tempfile
 import pytest
 import torch
 
-from qwen3_scratch.thinking import BUDGET_MESSAGE, BudgetFilter, ThinkingBudget, check_budget, complete, split_reply
+from qwen3_scratch.reasoning import complete
+from qwen3_scratch.thinking import BUDGET_MESSAGE, BudgetFilter, ThinkingBudget, check_budget, split_reply
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 from qwen3_scratch.config import Qwen3Config
 from qwen3_scratch.model import Qwen3Model
 from qwen3_scratch.rope import rope_inv_freq
-from qwen3_scratch.weights import (CheckpointError, checkpoint_files, choose_dtype, expected_tensors,
-                                   load_pretrained, load_state_dict_strict, read_safetensors_header, save_pretrained)
+from qwen3_scratch.checkpoint import checkpoint_files, CheckpointError, expected_tensors, read_safetensors_header
+from qwen3_scratch.weights import choose_dtype, load_pretrained, load_state_dict_strict, save_pretrained
 
 IDS = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))  # (B, T)
 
@@ -425,7 +425,10 @@ def test_sharded_errors(tmp_path):
     with pytest.raises(CheckpointError, match=rf"listed but not in the shard: {name}.*in a shard but not listed: {name} \(in {shard}\)"):
         load_pretrained(folder, device="cpu")
     index_path.write_text("{not json")
-    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json: not a valid safetensors index"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json: not valid JSON \(line 1, column 2"):
+        load_pretrained(folder, device="cpu")
+    index_path.write_text('{"metadata": {}}')
+    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json: not a safetensors index \(no weight_map\)"):
         load_pretrained(folder, device="cpu")
 
 

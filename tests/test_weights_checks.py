@@ -15,11 +15,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+import qwen3_scratch.checkpoint as checkpoint
 import qwen3_scratch.weights as weights
 from qwen3_scratch.config import Qwen3Config
 from qwen3_scratch.model import Qwen3Model
-from qwen3_scratch.weights import (CheckpointError, checkpoint_files, expected_tensors, load_pretrained,
-                                   load_state_dict_strict, save_pretrained)
+from qwen3_scratch.checkpoint import CheckpointError, checkpoint_files, expected_tensors
+from qwen3_scratch.weights import load_pretrained, load_state_dict_strict, save_pretrained
 
 
 def random_model(moe=False, tied=True, seed=0, **over):
@@ -82,7 +83,7 @@ def break_last_shard_for_the_library(folder):
 def test_a_later_bad_shard_leaves_an_existing_model_untouched(sharded, tmp_path):
     folder = copy(sharded[0], tmp_path)
     last = break_last_shard_for_the_library(folder)
-    weights.read_safetensors_header(folder / last)  # our own check is happy with it
+    checkpoint.read_safetensors_header(folder / last)  # our own check is happy with it
     model = random_model(tied=False, seed=7)
     before = snapshot(model)
     with pytest.raises(CheckpointError, match=rf"{last}: unreadable safetensors file"):
@@ -117,7 +118,8 @@ def test_weight_map_entries_must_stay_in_the_folder(sharded, tmp_path, entry):
 @pytest.mark.parametrize("index, what", [
     ({"weight_map": ["model.safetensors"]}, "weight_map must be an object"),
     ({"weight_map": {"model.norm.weight": 3}}, r"weight_map\['model.norm.weight'\] = 3"),
-    ([1, 2], "not a valid safetensors index"),
+    ([1, 2], r"expected a JSON object \{...\}, found list"),
+    ({"metadata": {}}, r"not a safetensors index \(no weight_map\)"),
 ])
 def test_malformed_index_is_a_checkpoint_error(sharded, tmp_path, index, what):
     folder = copy(sharded[0], tmp_path)
@@ -130,8 +132,8 @@ def test_malformed_index_is_a_checkpoint_error(sharded, tmp_path, index, what):
 def test_each_header_is_read_once_and_each_shard_opened_once(sharded, monkeypatch):
     folder, model = sharded
     reads, opens = [], []
-    real_read, real_open = weights.read_safetensors_header, safetensors.safe_open
-    monkeypatch.setattr(weights, "read_safetensors_header", lambda p: reads.append(p.name) or real_read(p))
+    real_read, real_open = checkpoint.read_safetensors_header, safetensors.safe_open
+    monkeypatch.setattr(checkpoint, "read_safetensors_header", lambda p: reads.append(p.name) or real_read(p))
     monkeypatch.setattr(safetensors, "safe_open", lambda p, *a, **k: opens.append(p) or real_open(p, *a, **k))
     loaded = load_pretrained(folder, device="cpu")
     shards = sorted(set(index_of(folder)["weight_map"].values()))

@@ -5,6 +5,9 @@ timeout on every step:
                                                                   the Hugging Face cache layout (models--Qwen--...)
     python tools/gpu_check.py decode --out STEM [--device cuda] [--batch 1 8] [--compile on|off] [--tiny]
                                                                   plain / fast / transformers decode side by side
+    python tools/gpu_check.py flash --out STEM [--device cuda] [--tiny]
+                                                                  chapter 21's Triton kernels beside SDPA's flash
+                                                                  backend: error vs fp32, TFLOP/s, decode GB/s
 
 `--tiny` is the CPU smoke test's shape (seconds on a laptop); without it, Qwen3-0.6B's. Weights are random: the
 timings are real, the tokens are meaningless (but must agree between the paths in fp32)."""
@@ -44,7 +47,7 @@ def write_checkpoint(cache: Path, tiny: bool) -> Path:
 def decode(out: str, device: str, batches, compile: bool, tiny: bool, new_tokens: int) -> dict:
     """Load the checkpoint through the Hub resolver (offline, bf16 on CUDA), then time every generate path at each
     batch size in one round-robin; write <out>.json and <out>.csv after each batch size (a timeout keeps the rest)."""
-    from qwen3_scratch.bench import generate_paths, result_row, spread, time_samples, weight_bytes_per_token
+    from qwen3_scratch.lab.bench import generate_paths, result_row, spread, time_samples, weight_bytes_per_token
     from qwen3_scratch.utils import default_threads, device_name
     from qwen3_scratch.weights import load_pretrained
     torch.set_num_threads(default_threads())  # the CLI's and the notebooks' default (QWEN3_SCRATCH_THREADS)
@@ -77,8 +80,36 @@ def decode(out: str, device: str, batches, compile: bool, tiny: bool, new_tokens
     return {"meta": meta, "rows": rows}
 
 
+def flash(out: str, device: str, tiny: bool) -> dict:
+    """Chapter 21's kernels at Qwen3-0.6B's attention shape (16 query heads, 8 KV heads, head_dim 128, bf16): max error
+    against float64 attention beside SDPA's, causal-forward TFLOP/s for T = 512 ... 16,384 and decode-step time for
+    caches of those lengths, both beside SDPA's flash backend. --tiny: a few seconds on a CPU, in Triton's interpreter.
+    Writes <out>.json and <out>.csv after each step (a timeout keeps the rest)."""
+    from qwen3_scratch.lab.flash_bench import kernel_rows
+    from qwen3_scratch.triton_attention import TRITON_VERSION
+    from qwen3_scratch.utils import default_threads, device_name
+    torch.set_num_threads(default_threads())
+    shape = dict(lengths=(64, 128), heads=4, kv_heads=2, head_dim=64, dtype=torch.float32, tokens=128, check_len=64,
+                 warmup=1, repeats=2) if tiny else {}
+    dtype = shape.get("dtype", torch.bfloat16)
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    meta = {"device": device, "device_name": device_name(device), "dtype": str(dtype).removeprefix("torch."),
+            "torch": torch.__version__, "triton": triton_version, "triton_pinned": TRITON_VERSION,
+            "interpreted": os.environ.get("TRITON_INTERPRET") == "1", "shape": "tiny" if tiny else
+            "Qwen3-0.6B attention: H16 K8 Dh128", "command": " ".join(sys.argv)}
+    print(f"flash kernels on {meta['device_name']} (torch {torch.__version__}, triton {triton_version})", flush=True)
+    rows = kernel_rows(device, log=lambda line: print(line, flush=True),
+                       checkpoint=lambda rows: _write(out, {"meta": meta, "rows": rows}), **shape)
+    _write(out, {"meta": meta, "rows": rows})
+    return {"meta": meta, "rows": rows}
+
+
 def _write(stem: str, results: dict) -> None:
-    from qwen3_scratch.bench import CSV_FIELDS
+    from qwen3_scratch.lab.bench_run import CSV_FIELDS
     import csv
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -104,6 +135,10 @@ def main(argv=None) -> int:
     de.add_argument("--compile", choices=["on", "off"], default="on")
     de.add_argument("--new-tokens", type=int, default=128)
     de.add_argument("--tiny", action="store_true")
+    fl = sub.add_parser("flash")
+    fl.add_argument("--out", required=True, help="path without suffix: writes OUT.json and OUT.csv")
+    fl.add_argument("--device", default="cuda")
+    fl.add_argument("--tiny", action="store_true")
     args = ap.parse_args(argv)
     if args.step == "checkpoint":
         write_checkpoint(args.cache, args.tiny)
@@ -111,7 +146,10 @@ def main(argv=None) -> int:
         if args.device == "cuda" and not torch.cuda.is_available():
             print("error: no CUDA device (run with --cpu-smoke to test the script on a CPU)", file=sys.stderr)
             return 1
-        decode(args.out, args.device, args.batch, args.compile == "on", args.tiny, args.new_tokens)
+        if args.step == "flash":
+            flash(args.out, args.device, args.tiny)
+        else:
+            decode(args.out, args.device, args.batch, args.compile == "on", args.tiny, args.new_tokens)
     return 0
 
 

@@ -4,7 +4,7 @@
 after another and then all at once; tokens/s, p50/p95 time to first token and request latency, a figure.
 `python -m qwen3_scratch serve-bench --model DIR` writes results/17_serving.json and a figure."""
 
-__all__ = ['BENCH_PROMPTS', 'tiny_random_model', 'timed_request', 'run_wave', 'run_benchmark', 'plot_benchmark', 'bench_parser', 'bench_main']
+__all__ = ['BENCH_PROMPTS', 'tiny_random_model', 'timed_request', 'run_wave', 'run_benchmark', 'plot_benchmark', 'bench_parser', 'main']
 
 
 # %% notebooks/17_serving.ipynb
@@ -20,7 +20,7 @@ from pathlib import Path
 import openai
 import torch
 
-from qwen3_scratch.bench import random_model
+from qwen3_scratch.lab.bench import random_model
 from qwen3_scratch.config import Qwen3Config
 from qwen3_scratch.model import Qwen3Model
 from qwen3_scratch.pretrain import SHIPPED_MODEL
@@ -142,7 +142,7 @@ def bench_parser() -> argparse.ArgumentParser:
     return p
 
 
-def bench_main(argv=None) -> dict:
+def main(argv=None) -> dict:
     """`python -m qwen3_scratch serve-bench ...` (dispatched by server.main): run, print, write JSON and figure."""
     args = bench_parser().parse_args(argv)
     if args.requests < 1 or args.max_tokens < 1:
