@@ -201,7 +201,8 @@ def encode_last_turn(tokenizer, messages) -> tuple[list[int], list[int]]:
     """Chapter 13's encode_chat, with only the LAST assistant turn as targets. Qwen3's template renders earlier
     turns without their thinking, so training on them would teach the model to skip <think> mid-conversation."""
     ids, labels = encode_chat(tokenizer, messages)
-    start = max(i for i in range(len(labels)) if labels[i] != IGNORE_INDEX and (i == 0 or labels[i - 1] == IGNORE_INDEX))
+    start = max(i for i in range(len(labels))
+                if labels[i] != IGNORE_INDEX and (i == 0 or labels[i - 1] == IGNORE_INDEX))
     return ids, [IGNORE_INDEX] * start + labels[start:]
 
 
@@ -292,7 +293,8 @@ def evaluate_seeds(model, tokenizer, seeds, per_op: int, exclude=(), **kwargs) -
 def sample_scaling(model, tokenizer, problems, k: int, temperature: float = 1.0, seed: int = 0,
                    batch_size: int = 128, max_new_tokens: int = 320) -> dict:
     """Inference-time scaling: k sampled replies per problem (thinking on). Returns {"pass": [pass@1..k]} with the
-    unbiased estimator, and {"majority": [maj@1..k]}, the accuracy of a majority vote over the first j samples."""
+    unbiased estimator, {"majority": [maj@1..k]}, the accuracy of a majority vote over the first j samples, and
+    "right": how many of the k were right, per problem (GRPO learns only where 0 < right < k)."""
     g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     prompts = [prompt_ids(tokenizer, p) for p in problems for _ in range(k)]
     replies = complete(model, tokenizer, prompts, max_new_tokens, temperature=temperature, generator=g,
@@ -304,7 +306,7 @@ def sample_scaling(model, tokenizer, problems, k: int, temperature: float = 1.0,
     majority = [sum(majority_vote(ans[:j]) == p.answer for ans, p in zip(answers, problems)) / len(problems)
                 for j in range(1, k + 1)]
     return {"k": list(range(1, k + 1)), "pass": passes, "majority": majority, "temperature": temperature,
-            "by_op": {op: sum(c == k for c, p in zip(n_right, problems) if p.op == op) for op in OPS}}
+            "right": n_right, "ops": [p.op for p in problems]}
 
 
 # %% notebooks/18_thinking.ipynb

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from qwen3_scratch.grpo import GRPOConfig, group_advantages, grpo_loss, grpo_step, k3_kl, rollout, token_logprobs
+from qwen3_scratch.grpo import (GRPOConfig, group_advantages, grpo_loss, grpo_step, k3_kl, rollout, token_logprobs,
+                                train_grpo)
 
 # a toy batch: 2 replies of 3 and 2 tokens (the second padded), chosen so that every branch of the clip is taken
 LOGP = [[-1.0, -0.5, -2.0], [-0.3, -1.2, 0.0]]
@@ -148,3 +149,22 @@ def test_token_logprobs_equal_a_log_softmax(tiny):
     lp = token_logprobs(policy, ids)
     full = torch.log_softmax(policy(ids).float(), -1)
     assert torch.allclose(lp[0, 4], full[0, 4, ids[0, 5]])
+
+
+def test_the_group_filter_trains_only_on_groups_that_disagree(tiny):
+    import itertools
+    policy, ref, tok = tiny
+    ref.load_state_dict(policy.state_dict())
+    prompt = tok.encode("What is 1 + 2?")
+    always = lambda text: 1.0  # noqa: E731
+    cfg = GRPOConfig(steps=1, prompts_per_step=2, group_size=4, max_new_tokens=6, filter_groups=True, lr=1e-2)
+    before = [p.detach().clone() for p in policy.parameters()]
+    history = train_grpo(policy, ref, tok, lambda step: [(prompt, always), (prompt, always)], cfg, log=None)
+    assert history[0]["kept_groups"] == 0 and history[0]["reward"] == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters())), "no group disagrees: no update"
+    calls = itertools.count()
+    alternating = lambda text: float(next(calls) % 2)  # noqa: E731  0, 1, 0, 1
+    history = train_grpo(policy, ref, tok, lambda step: [(prompt, always), (prompt, alternating)], cfg, log=None)
+    assert history[0]["kept_groups"] == 0.5 and history[0]["reward"] == 0.75, "statistics count every rollout"
+    assert history[0]["solved_groups"] == 0.5 and history[0]["failed_groups"] == 0.0
+    assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters())), "the mixed group is trained on"

@@ -379,7 +379,8 @@ def main(argv=None) -> int:
     res["seconds"]["transformers_check"] = round(time.perf_counter() - t0, 1)
     res["targets"] = targets(res["transformers"])
     res.update(command="python -m qwen3_scratch reasoning-lab " + " ".join(sys.argv[1:] if argv is None else argv),
-               load_average_end=os.getloadavg(), total_minutes=res["minutes"] + res["seconds"]["transformers_check"] / 60)
+               load_average_end=os.getloadavg(),
+               total_minutes=res["minutes"] + res["seconds"]["transformers_check"] / 60)
     for stage in ("sft", "rl"):  # the check joins each checkpoint's metrics
         path = out / stage / "metrics.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), "transformers": res["transformers"][stage]},
