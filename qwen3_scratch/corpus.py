@@ -16,6 +16,7 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from qwen3_scratch.tokenizer import Qwen3Tokenizer, bundled_tokenizer_dir
+from qwen3_scratch.utils import write_atomically, write_text_atomically
 
 
 # %% notebooks/12_pretraining.ipynb
@@ -81,7 +82,7 @@ def save_tokenizer(tokenizer: Tokenizer, directory: str | Path) -> Path:
     config) into `directory`, loadable by `Qwen3Tokenizer`, `tokenizers` and transformers' AutoTokenizer."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(directory / "tokenizer.json"))
+    write_atomically(directory / "tokenizer.json", lambda tmp: tokenizer.save(str(tmp)))
     qwen = json.loads((bundled_tokenizer_dir() / "tokenizer_config.json").read_text(encoding="utf-8"))
     added = {str(i): {"content": t.content, "lstrip": False, "normalized": False, "rstrip": False,
                       "single_word": False, "special": t.special}
@@ -93,6 +94,5 @@ def save_tokenizer(tokenizer: Tokenizer, directory: str | Path) -> Path:
         "eos_token": "<|endoftext|>",  # a base model: a document ends with <|endoftext|>
         "errors": "replace", "model_max_length": 131072, "pad_token": "<|endoftext|>",
         "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer", "unk_token": None}
-    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
-                                                     encoding="utf-8")
+    write_text_atomically(directory / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     return directory

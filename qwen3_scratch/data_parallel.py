@@ -5,7 +5,7 @@ sharded checkpoints through torch.distributed.checkpoint (safetensors per rank),
 `python -m qwen3_scratch train` under torchrun. References: PyTorch's DDP, FSDP2 (`fully_shard`) and Distributed
 Checkpoint docs; ZeRO (Rajbhandari et al., 2020). Legend: B global batch, T tokens, N processes."""
 
-__all__ = ['RankBatches', 'wrap_model', 'global_mean', 'state_bytes', 'synthetic_tokens', 'train_parallel', 'save_sharded', 'load_sharded', 'export_hub', 'train_parser', 'main', 'train_setup']
+__all__ = ['RankBatches', 'wrap_model', 'global_mean', 'state_bytes', 'synthetic_tokens', 'train_parallel', 'save_sharded', 'load_sharded', 'export_hub', 'DataParallel', 'main']
 
 
 # %% notebooks/16_distributed.ipynb
@@ -13,7 +13,6 @@ import dataclasses
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -141,14 +140,16 @@ def _flat_state(model, optimizer) -> dict:
     return flat, osd["param_groups"]
 
 
-def save_sharded(directory, model, optimizer, scheduler, step: int) -> None:
+def save_sharded(directory, model, optimizer, scheduler, step: int, extra: dict | None = None) -> None:
     """Every rank writes its shards (safetensors, through DCP's HuggingFaceStorageWriter); rank 0 writes
-    training_state.json (step, schedule, optimizer hyper-parameters). Call on every rank."""
+    training_state.json (step, schedule, optimizer hyper-parameters, and `extra`: chapter 12's train_config and
+    history when pretrain() saves). Call on every rank."""
     import torch.distributed.checkpoint as dcp
     flat, groups = _flat_state(model, optimizer)
     dcp.save(flat, storage_writer=dcp.HuggingFaceStorageWriter(str(directory), save_distributed=True))
     if dist.get_rank() == 0:
-        meta = dict(step=step, world_size=dist.get_world_size(), scheduler=scheduler.state_dict(), param_groups=groups)
+        meta = dict(step=step, world_size=dist.get_world_size(), scheduler=scheduler.state_dict(), param_groups=groups,
+                    **(extra or {}))
         (Path(directory) / "training_state.json").write_text(json.dumps(meta, indent=1) + "\n")
     dist.barrier()  # nobody reads before everything is written
 
@@ -189,30 +190,53 @@ def export_hub(directory, model) -> None:
 
 
 # %% notebooks/16_distributed.ipynb
-def train_parser():
-    import argparse
-    from qwen3_scratch.trainer import TrainConfig
-    d = TrainConfig()
-    p = argparse.ArgumentParser(prog="torchrun --nproc_per_node N -m qwen3_scratch train", description=(
-        "Chapter 12's training on N processes (chapter 16): DDP or FSDP2, over NCCL on GPUs or gloo on CPUs. Writes "
-        "the tokenizer, the model in the Hub's layout and the sharded training state (DIR/sharded) for --resume."))
-    p.add_argument("--text", nargs="+", required=True, metavar="FILE", help="UTF-8 text file(s)")
-    p.add_argument("--out", required=True, metavar="DIR", help="checkpoint folder (new or empty, unless --resume)")
-    p.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp", help="data parallel or fully sharded")
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--vocab-size", type=int, default=4096)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="the global batch, split over the processes")
-    p.add_argument("--seq-len", type=int, default=d.seq_len)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--hidden-size", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--resume", action="store_true", help="continue the sharded state in DIR/sharded")
-    return p
+class DataParallel:
+    """Chapter 12's `pretrain(..., parallel=...)` on every rank: this rank's rows of each global batch, the model
+    wrapped for DDP or FSDP2, and the training state saved the way each strategy allows. DDP's replicas are equal,
+    so rank 0 writes chapter 12's own files (one process can resume a DDP run, and DDP one process's); FSDP's shards
+    go through DCP into DIR/sharded (any number of ranks resumes them) and the model, gathered, into DIR."""
+
+    def __init__(self, strategy: str, device=None):
+        if strategy not in ("ddp", "fsdp"):
+            raise ValueError(f"unknown strategy {strategy!r}; choose ddp or fsdp")
+        self.strategy, self.device = strategy, device
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.can_sample = strategy == "ddp"  # rank 0 holds a whole replica; an FSDP shard cannot generate alone
+
+    def shard(self, get_batch):
+        return RankBatches(get_batch, self.rank, self.world_size)
+
+    def wrap(self, model):
+        return wrap_model(model, self.strategy, self.device)
+
+    def barrier(self):
+        dist.barrier()
+
+    def state_dir(self, out) -> Path:
+        return Path(out) / "sharded" if self.strategy == "fsdp" else Path(out)
+
+    def save(self, out_dir, model, optimizer, scheduler, step: int, cfg, history) -> None:
+        from qwen3_scratch.trainer import save_checkpoint
+        if self.strategy == "fsdp":
+            extra = dict(train_config=dataclasses.asdict(cfg), history=history)
+            save_sharded(self.state_dir(out_dir), model, optimizer, scheduler, step, extra)
+            export_hub(out_dir, model)
+        else:
+            if self.rank == 0:
+                save_checkpoint(out_dir, model, optimizer, scheduler, step, cfg, history)
+            dist.barrier()
+
+    def load(self, out_dir, model, optimizer, scheduler) -> dict:
+        from qwen3_scratch.trainer import load_checkpoint
+        if self.strategy == "fsdp":
+            load_sharded(self.state_dir(out_dir), model, optimizer, scheduler)
+            return json.loads((self.state_dir(out_dir) / "training_state.json").read_text())
+        return load_checkpoint(out_dir, model, optimizer, scheduler)  # every rank reads the same files
 
 
 def main(argv=None) -> int:
-    """`python -m qwen3_scratch train ...`: chapter 12's command; under torchrun, data-parallel or fully sharded."""
+    """`python -m qwen3_scratch train ...`: chapter 12's command; under torchrun the same run, data-parallel (DDP)
+    or fully sharded (FSDP2), writing the same files (metrics.json with the validation loss included)."""
     from qwen3_scratch import pretrain
     argv = list(sys.argv[1:] if argv is None else argv)
     if not launched_by_torchrun():
@@ -221,57 +245,20 @@ def main(argv=None) -> int:
                   "train ...`", file=sys.stderr)
             return 2
         return pretrain.main(argv)
-    args = train_parser().parse_args(argv)
-    out, world = Path(args.out), int(os.environ["WORLD_SIZE"])
-    problem = None
-    if args.batch_size % world:
+    p = pretrain.build_parser()
+    p.prog = "torchrun --nproc_per_node N -m qwen3_scratch train"
+    p.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp", help="data parallel or fully sharded")
+    args = p.parse_args(argv)
+    world = int(os.environ["WORLD_SIZE"])
+    state_dir = Path(args.out) / "sharded" if args.strategy == "fsdp" else None
+    plan, problem = pretrain.plan_training(args, state_dir)
+    if not problem and args.batch_size % world:
         problem = f"--batch-size {args.batch_size} (the global batch) must be a multiple of the {world} processes"
-    elif args.resume and not (out / "sharded" / "training_state.json").is_file():
-        problem = f"--resume: {out / 'sharded'} holds no sharded training state"
-    elif not args.resume and out.is_dir() and any(out.iterdir()):
-        problem = f"--out {out}: folder exists and is not empty; pass --resume to continue it, or choose another"
-    texts, problem = (None, problem) if problem else pretrain.read_texts(args.text)
     if problem:  # every rank finds the same problem, before any process group or file exists
         print(f"error: {problem}", file=sys.stderr)
         return 2
     device = init_from_env()
     try:
-        _train_distributed(args, texts, out, device)
+        return pretrain.run_training(args, plan, DataParallel(args.strategy, device))
     finally:
         dist.destroy_process_group()
-    return 0
-
-
-def train_setup(args, texts: list, tokenizer) -> tuple:
-    """(model config, TrainConfig, training token stream) for the command's arguments: chapter 12's tiny Qwen3
-    scaled by --hidden-size/--layers, its schedule, the first ~90% of the text (split_texts)."""
-    from qwen3_scratch.trainer import TrainConfig
-    from qwen3_scratch.pretrain import encode_documents, split_texts, tiny_config
-    model_config = tiny_config(tokenizer.vocab_size, hidden_size=args.hidden_size, num_hidden_layers=args.layers,
-                               num_attention_heads=args.hidden_size // 64,
-                               num_key_value_heads=max(1, args.hidden_size // 128),
-                               intermediate_size=args.hidden_size * 5 // 2,
-                               max_position_embeddings=max(512, args.seq_len), eos_token_id=tokenizer.endoftext_id)
-    cfg = TrainConfig(steps=args.steps, seed=args.seed, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                      min_lr=args.lr / 10, warmup_steps=min(TrainConfig.warmup_steps, max(1, args.steps // 10)),
-                      eval_every=10**9)
-    return model_config, cfg, encode_documents(tokenizer, split_texts(texts)[0])
-
-
-def _train_distributed(args, texts, out, device) -> None:
-    from qwen3_scratch.corpus import save_tokenizer, train_tokenizer
-    from qwen3_scratch.pretrain import split_texts
-    from qwen3_scratch.tokenizer import Qwen3Tokenizer
-    rank = dist.get_rank()
-    if rank == 0 and not args.resume:
-        save_tokenizer(train_tokenizer(split_texts(texts)[0], args.vocab_size), out)
-    dist.barrier()  # the other ranks read the tokenizer rank 0 has just written
-    model_config, cfg, tokens = train_setup(args, texts, Qwen3Tokenizer(out))
-    t0 = time.perf_counter()
-    result = train_parallel(args.strategy, model_config, cfg, tokens, device=device, save_dir=out / "sharded",
-                            resume_dir=out / "sharded" if args.resume else None, export_dir=out, count_grads=False)
-    if rank == 0:
-        losses = result["losses"]
-        print(f"wrote {out}: {args.strategy} on {dist.get_world_size()} processes, steps {result['start']}.."
-              f"{args.steps}, train loss {losses[0]:.3f} -> {losses[-1]:.3f}, {time.perf_counter() - t0:.1f} s")
-        (out / "losses.json").write_text(json.dumps(dict(start=result["start"], losses=losses)) + "\n")

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qwen3_scratch.utils import count_module_params, read_json_object
+from qwen3_scratch.utils import (count_module_params, read_json_object, write_atomically,
+                                 write_text_atomically)
 from qwen3_scratch.checkpoint import CheckpointError, check_tensors, checkpoint_name, read_safetensors_header
 
 
@@ -231,9 +232,9 @@ def save_adapter(model: nn.Module, directory, base_model_name_or_path: str | Non
         tensors[adapter_key(name, "B")] = layer.lora_B.weight.detach().to("cpu").contiguous()  # (out, r)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    write_atomically(directory / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     config = adapter_config_dict(model.lora_config, base_model_name_or_path)
-    (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    write_text_atomically(directory / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
     return directory
 
 

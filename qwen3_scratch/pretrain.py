@@ -5,7 +5,7 @@ bigram baselines, bits per character, `pretrain()` (tokenizer + model + the trai
 and `python -m qwen3_scratch train`. The loop itself is trainer.py's. Reference: nanoGPT's train.py.
 Legend: B batch, T tokens, D hidden, V vocab, L layers."""
 
-__all__ = ['SHIPPED_MODEL', 'encode_documents', 'TokenBatches', 'tiny_config', 'init_weights', 'ngram_baselines', 'bits_per_char', 'SAMPLE_PROMPT', 'pretrain', 'read_texts', 'split_texts', 'main']
+__all__ = ['SHIPPED_MODEL', 'TEACHER_MODEL', 'encode_documents', 'TokenBatches', 'tiny_config', 'init_weights', 'ngram_baselines', 'bits_per_char', 'SAMPLE_PROMPT', 'pretrain', 'read_texts', 'split_texts', 'build_parser', 'plan_training', 'run_training', 'main']
 
 
 # %% notebooks/12_pretraining.ipynb
@@ -22,15 +22,16 @@ from pathlib import Path
 import torch
 
 from qwen3_scratch.config import Qwen3Config
-from qwen3_scratch.corpus import SHAKESPEARE_DIR, save_tokenizer, train_tokenizer
+from qwen3_scratch.corpus import SHAKESPEARE_DIR, save_tokenizer, split_plays, train_tokenizer
 from qwen3_scratch.generate import generate
 from qwen3_scratch.model import Qwen3Model
 from qwen3_scratch.tokenizer import Qwen3Tokenizer
 from qwen3_scratch.trainer import (IGNORE_INDEX, TrainConfig, evaluate, load_checkpoint, lr_at, make_optimizer,
                                    save_checkpoint, set_activation_checkpointing, train, unwrap)
-from qwen3_scratch.utils import default_device, device_name
+from qwen3_scratch.utils import default_device, device_name, read_json_object, write_text_atomically
 
 SHIPPED_MODEL = SHAKESPEARE_DIR / "model"  # the checkpoint this chapter trains; later chapters load it
+TEACHER_MODEL = SHAKESPEARE_DIR / "teacher"  # the same recipe at 8 layers x 384, trained longer (chapter 19's teacher)
 
 
 # %% notebooks/12_pretraining.ipynb
@@ -149,11 +150,12 @@ def _sample(model, tokenizer, prompt: str, max_new_tokens: int = 48, seed: int =
 
 def pretrain(train_texts, val_texts, out_dir, cfg: TrainConfig | None = None, model_config: Qwen3Config | None = None,
              vocab_size: int = 4096, resume: bool = False, keep_training_state: bool = True, device=None,
-             progress: bool | None = None, on_eval=None, log=print, bpe=None) -> dict:
+             progress: bool | None = None, on_eval=None, log=print, bpe=None, parallel=None) -> dict:
     """Train a tokenizer and a tiny Qwen3 on train_texts, validate on val_texts, write a checkpoint folder
     (config.json, model.safetensors, tokenizer.json, tokenizer_config.json, metrics.json, and the training state
     unless keep_training_state=False). resume=True continues the run saved in out_dir. bpe: an already trained
-    `tokenizers.Tokenizer` to use instead of training one. Returns the metrics."""
+    `tokenizers.Tokenizer` to use instead of training one. parallel: chapter 16's data-parallel strategy (rank,
+    world_size, shard, wrap, barrier, save/load of the training state); None: one process. Returns the metrics."""
     cfg = cfg if cfg is not None else TrainConfig()
     out_dir = Path(out_dir)
     device = torch.device(device) if device is not None else default_device()
@@ -161,39 +163,48 @@ def pretrain(train_texts, val_texts, out_dir, cfg: TrainConfig | None = None, mo
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
+    rank, world = (parallel.rank, parallel.world_size) if parallel is not None else (0, 1)
+    if not resume and rank == 0:  # one process writes the tokenizer; the others read it
+        save_tokenizer(bpe if bpe is not None else train_tokenizer(train_texts, vocab_size), out_dir)
+    if parallel is not None:
+        parallel.barrier()
+    tokenizer = Qwen3Tokenizer(out_dir)
     if resume:
-        tokenizer = Qwen3Tokenizer(out_dir)
         model_config = Qwen3Config.from_hf(out_dir)
     else:
-        tokenizer_dir = save_tokenizer(bpe if bpe is not None else train_tokenizer(train_texts, vocab_size), out_dir)
-        tokenizer = Qwen3Tokenizer(tokenizer_dir)
-        model_config = model_config or tiny_config()
-        model_config = dataclasses.replace(model_config, vocab_size=tokenizer.vocab_size,
+        model_config = dataclasses.replace(model_config or tiny_config(), vocab_size=tokenizer.vocab_size,
                                            eos_token_id=tokenizer.endoftext_id, bos_token_id=None)
     train_ids, val_ids = encode_documents(tokenizer, train_texts), encode_documents(tokenizer, val_texts)
     batches = TokenBatches(train_ids, val_ids, cfg.batch_size, cfg.seq_len, cfg.seed, device=device)
     model = init_weights(Qwen3Model(model_config), seed=cfg.seed).to(device)
     if cfg.activation_checkpointing:
         set_activation_checkpointing(model, True)
+    if parallel is not None:
+        model = parallel.wrap(model)  # before the optimizer: under FSDP its parameters are the shards
     optimizer, scheduler = make_optimizer(model, cfg)
+    save = parallel.save if parallel is not None else save_checkpoint
     start, history = 0, None
     if resume:
-        meta = load_checkpoint(out_dir, model, optimizer, scheduler)
+        meta = (parallel.load if parallel is not None else load_checkpoint)(out_dir, model, optimizer, scheduler)
         start, history = meta["step"], meta["history"]
         scheduler.lr_lambdas[0] = lambda step: lr_at(step, cfg) / cfg.lr  # this run's cfg.steps shapes the cosine
         if start >= cfg.steps:
             raise ValueError(f"{out_dir} has already trained {start} steps; ask for more with --steps")
 
     def at_eval(step, model, history):
-        history.setdefault("samples", []).append({"step": step, "text": _sample(model, tokenizer, SAMPLE_PROMPT)})
-        save_checkpoint(out_dir, model, optimizer, scheduler, step, cfg, history)
+        if parallel is None or parallel.can_sample:  # FSDP's shards cannot generate on one rank
+            if rank == 0:
+                history.setdefault("samples", []).append({"step": step,
+                                                          "text": _sample(model, tokenizer, SAMPLE_PROMPT)})
+        save(out_dir, model, optimizer, scheduler, step, cfg, history)
         if on_eval is not None:
             on_eval(step, model, history)
 
-    history = train(model, optimizer, scheduler, batches, cfg, start_step=start, history=history,
-                    eval_batches=lambda: batches.eval_batches(cfg.eval_tokens), on_eval=at_eval, progress=progress,
-                    log=log)
-    val_loss, val_targets = evaluate(model, batches.eval_batches(), cfg.autocast)
+    get_batch = parallel.shard(batches) if parallel is not None else batches  # this rank's rows of each batch
+    history = train(model, optimizer, scheduler, get_batch, cfg, start_step=start, history=history,
+                    eval_batches=lambda: batches.eval_batches(cfg.eval_tokens), on_eval=at_eval,
+                    progress=progress if rank == 0 else False, log=log if rank == 0 else None, world_size=world)
+    val_loss, val_targets = evaluate(model, batches.eval_batches(), cfg.autocast)  # every rank: the same numbers
     base = ngram_baselines(train_ids, val_ids, tokenizer.vocab_size)
     val_chars = sum(map(len, val_texts))
     bpc = functools.partial(bits_per_char, tokens=val_targets, chars=val_chars)
@@ -203,17 +214,20 @@ def pretrain(train_texts, val_texts, out_dir, cfg: TrainConfig | None = None, mo
                       for k in ("unigram", "bigram")},
         "train_tokens": len(train_ids), "val_tokens": len(val_ids), "val_chars": val_chars,
         "steps": cfg.steps, "tokens_seen": cfg.steps * cfg.tokens_per_step(),
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": sum(p.numel() for p in unwrap(model).parameters()),  # an FSDP shard reports its full size
         "seconds": round(time.perf_counter() - t_start, 1) + (history.get("seconds", 0) if resume else 0),
         "tokens_per_s": round(history.get("tokens_per_s", 0.0), 1), "mfu": history.get("mfu"),
         "device": device_name(device), "torch": torch.__version__, "train_config": dataclasses.asdict(cfg),
-        "history": history}
+        "processes": world, "strategy": parallel.strategy if parallel is not None else None, "history": history}
     history["seconds"] = metrics["seconds"]
-    save_checkpoint(out_dir, model, optimizer, scheduler, cfg.steps, cfg, history)
-    if not keep_training_state:
-        for name in ("training_state.json", "training_state.safetensors"):
-            (out_dir / name).unlink()
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    save(out_dir, model, optimizer, scheduler, cfg.steps, cfg, history)
+    if rank == 0:
+        if not keep_training_state:
+            for name in ("training_state.json", "training_state.safetensors"):
+                (out_dir / name).unlink(missing_ok=True)
+        write_text_atomically(out_dir / "metrics.json", json.dumps(metrics, indent=1) + "\n")
+    if parallel is not None:
+        parallel.barrier()
     return metrics
 
 
@@ -253,72 +267,107 @@ def split_texts(texts: list[str]) -> tuple[list[str], list[str]]:
     return [text[:cut]], [text[cut:]]
 
 
-def main(argv=None) -> int:
-    """`python -m qwen3_scratch train --text FILE [FILE ...] --out DIR [--steps N] [--seed N] [--vocab-size N]
-    [--resume]`: train a tokenizer and a tiny Qwen3 on any UTF-8 text."""
+def build_parser() -> argparse.ArgumentParser:
+    """The `train` command's options (chapter 16 adds --strategy for torchrun)."""
     d = TrainConfig()
     p = argparse.ArgumentParser(prog="python -m qwen3_scratch train", description=(
         "Train a byte-level BPE tokenizer and a tiny Qwen3 on UTF-8 text (chapter 12). The last ~10%% of the "
-        "text (whole files, when several are given) is held out for validation."))
-    p.add_argument("--text", nargs="+", required=True, metavar="FILE", help="UTF-8 text file(s)")
+        "text (whole files, when several are given) is held out for validation; --corpus shakespeare trains on the "
+        "course's 33 plays and validates on its 4 held-out plays."))
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", nargs="+", metavar="FILE", help="UTF-8 text file(s)")
+    source.add_argument("--corpus", choices=["shakespeare"], help="the course's vendored corpus (chapter 12)")
     p.add_argument("--out", required=True, metavar="DIR", help="checkpoint folder to write (must be empty or new)")
     p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--vocab-size", type=int, default=4096, help="tokenizer vocabulary (default 4096)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per step (under torchrun: global)")
     p.add_argument("--seq-len", type=int, default=d.seq_len)
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate; the cosine ends at lr / 10")
+    p.add_argument("--warmup-steps", type=int, help=f"default min({d.warmup_steps}, steps / 10)")
     p.add_argument("--hidden-size", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
-    args = p.parse_args(argv)
-    for name in ("steps", "batch_size", "seq_len", "hidden_size", "layers", "eval_every"):
-        if getattr(args, name) < 1:
-            return _error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    return p
+
+
+def plan_training(args, state_dir: Path | None = None) -> tuple[dict | None, str | None]:
+    """Everything checked before anything is written: ({train_texts, val_texts, cfg, model_config, bpe}, None), or
+    (None, a one-line problem naming the flag or file). state_dir: where a resumable state lives (default --out)."""
+    d = TrainConfig()
+    for name in ("steps", "batch_size", "seq_len", "hidden_size", "layers", "eval_every", "warmup_steps", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            return None, f"--{name.replace('_', '-')} must be a positive integer, got {value}"
     if not 262 <= args.vocab_size <= 65536:
-        return _error(f"--vocab-size must be between 262 (256 bytes + special tokens + 1) and 65536, got {args.vocab_size}")
+        return None, f"--vocab-size must be between 262 (256 bytes + special tokens + 1) and 65536, got {args.vocab_size}"
     if args.hidden_size % 64:
-        return _error(f"--hidden-size must be a multiple of 64 (heads of 64 dims), got {args.hidden_size}")
+        return None, f"--hidden-size must be a multiple of 64 (heads of 64 dims), got {args.hidden_size}"
     out = Path(args.out)
+    state = (state_dir or out) / "training_state.json"
     if out.exists() and not out.is_dir():
-        return _error(f"--out {out}: exists and is not a folder")
-    if args.resume and not (out / "training_state.json").is_file():
-        return _error(f"--resume: {out} holds no training_state.json to resume from")
+        return None, f"--out {out}: exists and is not a folder"
+    if args.resume and not state.is_file():
+        return None, f"--resume: {state.parent} holds no training_state.json to resume from"
     if not args.resume and out.is_dir() and any(out.iterdir()):
-        return _error(f"--out {out}: folder exists and is not empty; pass --resume to continue it, or choose another")
-    texts, problem = read_texts(args.text)
-    if problem:
-        return _error(problem)
-    train_texts, val_texts = split_texts(texts)
+        return None, f"--out {out}: folder exists and is not empty; pass --resume to continue it, or choose another"
+    if args.corpus == "shakespeare":
+        train_plays, val_plays = split_plays()
+        train_texts, val_texts = list(train_plays.values()), list(val_plays.values())
+    else:
+        texts, problem = read_texts(args.text)
+        if problem:
+            return None, problem
+        train_texts, val_texts = split_texts(texts)
+    warmup = args.warmup_steps or min(d.warmup_steps, max(1, args.steps // 10))
     cfg = dataclasses.replace(d, steps=args.steps, seed=args.seed, batch_size=args.batch_size, seq_len=args.seq_len,
-                              lr=args.lr, min_lr=args.lr / 10, eval_every=args.eval_every,
-                              warmup_steps=min(d.warmup_steps, max(1, args.steps // 10)))
+                              lr=args.lr, min_lr=args.lr / 10, eval_every=args.eval_every, warmup_steps=warmup)
+    bpe = None
     if args.resume:
-        saved = json.loads((out / "training_state.json").read_text())["train_config"]
+        saved = read_json_object(state)["train_config"]
         cfg = dataclasses.replace(TrainConfig(**saved), steps=args.steps)
     else:  # the tokenizer is cheap to train: do it here to check the text is long enough before writing anything
         bpe = train_tokenizer(train_texts, args.vocab_size)
         n_train = sum(len(bpe.encode(t).ids) + 1 for t in train_texts)
         n_val = sum(len(bpe.encode(t).ids) + 1 for t in val_texts)
+        what = ", ".join(args.text or [args.corpus])
         if n_train < cfg.seq_len + 1:
-            return _error(f"{', '.join(args.text)}: text too short: {n_train} training tokens, one sequence needs "
+            return None, (f"{what}: text too short: {n_train} training tokens, one sequence needs "
                           f"--seq-len + 1 = {cfg.seq_len + 1}")
         if n_val < 2:
-            return _error(f"{', '.join(args.text)}: text too short: the held-out part has {n_val} token(s)")
+            return None, f"{what}: text too short: the held-out part has {n_val} token(s)"
     model_config = tiny_config(args.vocab_size, hidden_size=args.hidden_size, num_hidden_layers=args.layers,
                                num_attention_heads=args.hidden_size // 64,
                                num_key_value_heads=max(1, args.hidden_size // 128),
                                intermediate_size=args.hidden_size * 5 // 2,
                                max_position_embeddings=max(512, cfg.seq_len))
+    return dict(train_texts=train_texts, val_texts=val_texts, cfg=cfg, model_config=model_config, bpe=bpe), None
+
+
+def run_training(args, plan: dict, parallel=None) -> int:
+    """pretrain() with the plan; one summary line (from rank 0 under torchrun)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
-        metrics = pretrain(train_texts, val_texts, out, cfg, model_config, vocab_size=args.vocab_size,
-                           resume=args.resume, device=args.device, bpe=None if args.resume else bpe)
+        metrics = pretrain(plan["train_texts"], plan["val_texts"], args.out, plan["cfg"], plan["model_config"],
+                           vocab_size=args.vocab_size, resume=args.resume, device=args.device, bpe=plan["bpe"],
+                           parallel=parallel)
     except ValueError as e:
         return _error(str(e))
-    b = metrics["baselines"]
-    print(f"wrote {out}: val {metrics['val_loss']:.3f} nats/token, {metrics['val_bpc']:.3f} bits/char "
-          f"(bigram {b['bigram']['val_loss']:.3f} / {b['bigram']['val_bpc']:.3f}), {metrics['steps']} steps, "
-          f"{metrics['seconds'] / 60:.1f} min on {metrics['device']}")
+    if parallel is None or parallel.rank == 0:
+        b = metrics["baselines"]
+        print(f"wrote {args.out}: val {metrics['val_loss']:.3f} nats/token, {metrics['val_bpc']:.3f} bits/char "
+              f"(bigram {b['bigram']['val_loss']:.3f} / {b['bigram']['val_bpc']:.3f}), {metrics['steps']} steps, "
+              f"{metrics['seconds'] / 60:.1f} min on {metrics['device']}")
     return 0
+
+
+def main(argv=None) -> int:
+    """`python -m qwen3_scratch train (--text FILE [FILE ...] | --corpus shakespeare) --out DIR [--steps N] [--seed N]
+    [--vocab-size N] [--resume] ...`: train a tokenizer and a tiny Qwen3 on any UTF-8 text."""
+    args = build_parser().parse_args(argv)
+    plan, problem = plan_training(args)
+    return _error(problem) if problem else run_training(args, plan)

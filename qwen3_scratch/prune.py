@@ -90,13 +90,7 @@ def layer_importance(model: Qwen3Model, batches, autocast: str = "auto") -> dict
     hooks = [layer.register_forward_hook(
         lambda mod, args, out, i=i: cos_sum.__setitem__(i, cos_sum[i] + torch.cosine_similarity(
             args[0].float(), out.float(), dim=-1).mean().cpu())) for i, layer in enumerate(model.layers)]
-    try:
-        for x, _ in batches:
-            with autocast_context(x.device, autocast):
-                model(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    _forward_all(model, batches, hooks, autocast)
     return {"loss": base, "loss_increase": increase, "block_importance": (1 - cos_sum / len(batches)).tolist()}
 
 
@@ -121,6 +115,18 @@ def choose_layers(model: Qwen3Model, keep: int, batches, autocast: str = "auto")
         dropped.append(worst)
         trace.append({"dropped": worst, "layers": list(rises), "loss_increase": list(rises.values())})
     return [i for i in range(L) if i not in dropped], trace
+
+
+@torch.no_grad()
+def _forward_all(model, batches, hooks, autocast: str = "auto") -> None:
+    """Run `model` over the calibration batches for what its forward hooks record, then remove the hooks."""
+    try:
+        for x, _ in batches:
+            with autocast_context(x.device, autocast):
+                model(x)
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 # %% notebooks/19_distillation.ipynb
@@ -180,13 +186,7 @@ def width_importance(model: Qwen3Model, batches, autocast: str = "auto") -> dict
                   layer.input_layernorm.register_forward_hook(norm_hook),
                   layer.post_attention_layernorm.register_forward_hook(norm_hook)]
     model.eval()
-    try:
-        for x, _ in batches:
-            with autocast_context(x.device, autocast):
-                model(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    _forward_all(model, batches, hooks, autocast)
     n = len(batches)
     return {"heads": (heads / n).view(L, K, H // K).sum(-1), "mlp": mlp / n, "hidden": hidden / n}
 

@@ -21,7 +21,8 @@ from torch import nn
 
 from qwen3_scratch.config import Qwen3Config
 from qwen3_scratch.model import Qwen3Model
-from qwen3_scratch.utils import default_device, parse_dtype, read_json_object
+from qwen3_scratch.utils import (default_device, parse_dtype, read_json_object, write_atomically,
+                                 write_text_atomically)
 from qwen3_scratch.checkpoint import CheckpointError, _config_json, checkpoint_name, read_safetensors_header
 
 SCHEMES = ("int8", "int4")
@@ -322,14 +323,14 @@ def save_quantized(model: Qwen3Model, directory) -> Path:
     tied = model.lm_head.qweight is model.embed_tokens.qweight
     tensors = {checkpoint_name(k): v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()
                if not (tied and k.startswith("lm_head."))}
-    for old in list(directory.glob("model*.safetensors")) + [directory / "model.safetensors.index.json"]:
-        old.unlink(missing_ok=True)  # never leave the shards of an earlier save beside this one
-    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    write_atomically(directory / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    for old in list(directory.glob("model-*.safetensors")) + [directory / "model.safetensors.index.json"]:
+        old.unlink(missing_ok=True)  # the shards of an earlier float save, once this file is in place
     config = _config_json(model.config, model.norm.weight.dtype)
     config["quantization_config"] = {"quant_method": QUANT_METHOD, **info, "format": (
         "int8: qweight int8 (N, K), w = qweight * scale[:, None]; int4: qweight uint8 (N, K/2), column 2j in the "
         "low nibble, w = (code - 8) * scale + zero per group of group_size columns; pre_scale multiplies the input")}
-    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_text_atomically(directory / "config.json", json.dumps(config, indent=2) + "\n")
     return directory
 
 

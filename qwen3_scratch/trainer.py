@@ -13,7 +13,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -30,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from qwen3_scratch.checkpoint import checkpoint_name
 from qwen3_scratch.config import Qwen3Config
 from qwen3_scratch.moe import Qwen3MoE, load_balancing_loss
+from qwen3_scratch.utils import write_atomically, write_text_atomically
 from qwen3_scratch.weights import save_pretrained
 
 IGNORE_INDEX = -100  # targets with this id are skipped by the loss (padding, masked prompt tokens)
@@ -265,11 +265,10 @@ def save_checkpoint(directory, model: nn.Module, optimizer, scheduler, step: int
     meta = {"step": step, "train_config": dataclasses.asdict(cfg), "scheduler": scheduler.state_dict(),
             "optimizer": {"param_groups": opt["param_groups"], "scalars": scalars}, "rng": _json_rng(),
             "history": history}
-    tmp = directory / "training_state.safetensors.tmp"
-    save_file(tensors, tmp)
-    os.replace(tmp, directory / "training_state.safetensors")  # a crash never leaves half a state behind
-    (directory / "training_state.json.tmp").write_text(json.dumps(meta) + "\n")
-    os.replace(directory / "training_state.json.tmp", directory / "training_state.json")
+    # the state last, each file replaced in one step: a crash leaves the previous checkpoint whole, never a model
+    # of step 40 beside a state that says step 30 (or half a file)
+    write_atomically(directory / "training_state.safetensors", lambda tmp: save_file(tensors, tmp))
+    write_text_atomically(directory / "training_state.json", json.dumps(meta) + "\n")
     return directory
 
 

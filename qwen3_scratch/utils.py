@@ -4,7 +4,7 @@
 device to use, dtype names, what this machine supports, and how many parameters a module really has (tied
 weights counted once), and the one reader of JSON files."""
 
-__all__ = ['package_dir', 'figures_dir', 'quick_run', 'save_figure', 'default_device', 'device_name', 'cpu_model', 'DTYPE_CHOICES', 'parse_dtype', 'env_report', 'print_env', 'default_threads', 'count_module_params', 'read_json_object']
+__all__ = ['package_dir', 'figures_dir', 'quick_run', 'save_figure', 'default_device', 'device_name', 'cpu_model', 'DTYPE_CHOICES', 'parse_dtype', 'env_report', 'print_env', 'default_threads', 'count_module_params', 'read_json_object', 'write_atomically', 'write_text_atomically']
 
 
 # %% notebooks/00_setup.ipynb
@@ -198,3 +198,28 @@ def read_json_object(path, error: type = ValueError, not_found: str | None = Non
     if not isinstance(raw, dict):
         raise error(f"{path}: expected a JSON object {{...}}, found {type(raw).__name__}")
     return raw
+
+
+# %% notebooks/00_setup.ipynb
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read the process's umask (the only way is to set it), then put it back
+
+
+def write_atomically(path, write) -> Path:
+    """Create or replace the file `path` by calling write(tmp) on a temporary path in the same folder, then
+    renaming it over `path`: an interrupted write leaves the old file (or none), never half of one. The file gets
+    the permissions of any new file (0o666 minus the umask). Returns `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_text_atomically(path, text: str) -> Path:
+    """write_atomically for a text file (UTF-8)."""
+    return write_atomically(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

@@ -25,7 +25,8 @@ from qwen3_scratch.config import Qwen3Config
 from qwen3_scratch.hub import resolve_checkpoint
 from qwen3_scratch.model import Qwen3Model
 from qwen3_scratch.rope import RotaryEmbedding
-from qwen3_scratch.utils import default_device, parse_dtype, read_json_object
+from qwen3_scratch.utils import (default_device, parse_dtype, read_json_object, write_atomically,
+                                 write_text_atomically)
 
 
 # %% notebooks/08_weights.ipynb
@@ -238,18 +239,19 @@ def save_pretrained(model: Qwen3Model, directory, max_shard_size=None) -> Path:
             size = 0
         shards[-1].append(name)
         size += nbytes
-    for old in list(directory.glob("model*.safetensors")) + [directory / INDEX_NAME]:
-        old.unlink(missing_ok=True)  # never leave shards of an earlier save next to the new ones
     weight_map = {}
-    for i, names in enumerate(shards, 1):
+    for i, names in enumerate(shards, 1):  # each file replaced in one step: an interrupted save leaves whole files
         file = SINGLE_NAME if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file({n: tensors[n].detach().to("cpu").contiguous() for n in names}, directory / file,
-                  metadata={"format": "pt"})
+        part = {n: tensors[n].detach().to("cpu").contiguous() for n in names}
+        write_atomically(directory / file, lambda tmp: save_file(part, tmp, metadata={"format": "pt"}))
         weight_map.update(dict.fromkeys(names, file))
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        write_text_atomically(directory / INDEX_NAME, json.dumps(index, indent=2) + "\n")
+    for old in list(directory.glob("model*.safetensors")) + [directory / INDEX_NAME]:
+        if old.name not in weight_map.values() and not (old.name == INDEX_NAME and len(shards) > 1):
+            old.unlink(missing_ok=True)  # shards of an earlier save, once the new ones are in place
     dtype = model.embed_tokens.weight.dtype
-    (directory / "config.json").write_text(json.dumps(_config_json(model.config, dtype), indent=2) + "\n")
+    write_text_atomically(directory / "config.json", json.dumps(_config_json(model.config, dtype), indent=2) + "\n")
     return directory

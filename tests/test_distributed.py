@@ -195,21 +195,27 @@ def test_fsdp_sharded_checkpoint_resumes_and_exports(one_process, tmp_path):
 
 
 def test_train_command_under_torchrun_ddp(tmp_path):
+    """torchrun train and one-process train write the same files and the same validation loss, and a DDP run's
+    training state is chapter 12's own (one process resumes it)."""
     from qwen3_scratch.weights import load_pretrained
     text = tmp_path / "text.txt"
     text.write_text("To be, or not to be, that is the question.\nWhether 'tis nobler in the mind to suffer.\n" * 30)
-    out = tmp_path / "run"
-    argv = [str(a) for a in ("--text", text, "--out", out, "--steps", 3, "--batch-size", 4, "--seq-len", 16,
+    out, alone = tmp_path / "run", tmp_path / "alone"
+    argv = [str(a) for a in ("--text", text, "--steps", 3, "--batch-size", 4, "--seq-len", 16, "--eval-every", 2,
                              "--hidden-size", 64, "--layers", 1, "--vocab-size", 300)]
-    res = D.run_torchrun(["-m", "qwen3_scratch", "train", *argv], nproc=2, timeout=180)
+    res = D.run_torchrun(["-m", "qwen3_scratch", "train", "--out", str(out), *argv], nproc=2, timeout=180)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "ddp on 2 processes" in res.stdout
+    assert DP.main(["--out", str(alone), *argv]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in alone.iterdir())
+    ours, theirs = (json.loads((d / "metrics.json").read_text()) for d in (out, alone))
+    assert ours["processes"] == 2 and ours["strategy"] == "ddp"
+    assert ours["val_loss"] == pytest.approx(theirs["val_loss"], abs=1e-4)
+    assert [h["loss"] for h in ours["history"]["val"]] == pytest.approx([h["loss"] for h in theirs["history"]["val"]],
+                                                                        abs=1e-4)
     assert load_pretrained(out, device="cpu").config.num_hidden_layers == 1
-    assert (out / "sharded" / "training_state.json").is_file() and (out / "tokenizer.json").is_file()
-    model_config, cfg, tokens = DP.train_setup(DP.train_parser().parse_args(argv), [text.read_text()],
-                                               Qwen3Tokenizer(out))
-    alone = DP.train_parallel("none", model_config, cfg, tokens)["losses"]
-    assert json.loads((out / "losses.json").read_text())["losses"] == pytest.approx(alone, abs=1e-4)
+    assert DP.main(["--out", str(out), *argv[:2], "--steps", "4", *argv[4:], "--resume"]) == 0, \
+        "one process resumes a DDP run"
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 4
 
 
 def test_train_command_without_torchrun(tmp_path, capsys):

@@ -97,6 +97,8 @@ def test_resume_is_bit_exact(stream, tmp_path):
     hist = train(b, opt, sch, batches, TrainConfig(**{**cfg.__dict__, "steps": 2}), log=None, progress=False)
     save_checkpoint(tmp_path, b, opt, sch, 2, cfg, hist)
     assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob("*.bin")), "no pickles"
+    modes = {f.name: f.stat().st_mode & 0o777 for f in tmp_path.iterdir()}
+    assert len(set(modes.values())) == 1, f"model, state and config files share one mode: {modes}"
     c = _small(seed=99); opt, sch = make_optimizer(c, cfg)
     meta = load_checkpoint(tmp_path, c, opt, sch)
     train(c, opt, sch, batches, cfg, start_step=meta["step"], history=meta["history"], log=None, progress=False)

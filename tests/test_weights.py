@@ -2,6 +2,7 @@
 dtype/device handling. Where checkpoints come from (Hub, ModelScope) is tests/test_hub.py."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import safetensors
@@ -442,3 +443,31 @@ def test_sharded_mismatch_names_the_shard(tmp_path):
     save_file(sd, folder / shard, metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=rf"{name} \(in {shard}\): checkpoint \(8, 8\) vs model"):
         load_pretrained(folder, device="cpu")
+
+
+def test_an_interrupted_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    """Issue: save_pretrained removed the old file, then wrote in place; a Ctrl-C left 1,000 bytes of model."""
+    import safetensors.torch
+    folder = save_pretrained(random_model(False, False), tmp_path / "ckpt")
+    before = load_file(folder / "model.safetensors")
+
+    def dies_halfway(tensors, path, metadata=None):
+        Path(path).write_bytes(b"\0" * 1000)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        save_pretrained(random_model(False, False, seed=5), folder)
+    after = load_file(folder / "model.safetensors")
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"], "no temporary file left"
+
+
+def test_saved_files_get_the_permissions_of_any_new_file(tmp_path):
+    """safetensors creates its files 0600; a teacher's shared checkpoint must be readable by the students."""
+    import os
+    umask = os.umask(0o022)
+    os.umask(umask)
+    folder = save_pretrained(random_model(False, False), tmp_path / "ckpt", max_shard_size="30KB")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+    assert set(modes.values()) == {0o666 & ~umask}, modes

@@ -376,16 +376,17 @@ def cmd_student(args) -> int:
     return 0
 
 
-def _solutions(chapter: str) -> dict[str, str]:
-    """{qualified name: source lines of the teacher's function} for every exported function of a chapter."""
+def _solutions(chapter: str) -> list[dict[str, list[str]]]:
+    """For each exported cell of a chapter, in order: {qualified name: source lines of the teacher's function}.
+    Kept per cell because two modules of one chapter may both have, say, a `main`."""
     nb = json.loads(_chapter_notebook(NOTEBOOKS, chapter).read_text())
-    out = {}
+    out = []
     for cell in nb["cells"]:
         if cell["cell_type"] == "code" and "export" in _split_directives(_cell_source(cell))[0]:
             code = _directive_lines(_cell_source(cell))[1]
             lines = code.splitlines()
-            for qual, node in _functions(ast.parse(code)):
-                out[qual] = lines[_start(node.body[0]) - 1:node.end_lineno]
+            out.append({qual: lines[_start(node.body[0]) - 1:node.end_lineno]
+                        for qual, node in _functions(ast.parse(code))})
     return out
 
 
@@ -394,14 +395,17 @@ def reveal(student_dir: Path, chapter: str, name: str) -> list[str]:
     everything else the learner wrote. Returns the names revealed."""
     path = _chapter_notebook(Path(student_dir) / "notebooks", chapter)
     nb = json.loads(path.read_text())
-    solutions = _solutions(chapter)
-    if name != "all" and name not in solutions:
+    per_cell = _solutions(chapter)
+    known = {qual for cell in per_cell for qual in cell}
+    if name != "all" and name not in known:
         raise SystemExit(f"chapter {chapter} exports no function or method {name!r}; "
-                         f"choose from: {', '.join(sorted(solutions))}")
-    done = []
+                         f"choose from: {', '.join(sorted(known))}")
+    done, export_idx = [], -1
     for idx, cell in enumerate(nb["cells"]):
         if cell["cell_type"] != "code" or "export" not in _split_directives(_cell_source(cell))[0]:
             continue
+        export_idx += 1  # the learner's n-th exported cell is the course's n-th: bodies change, cells do not move
+        solutions = per_cell[export_idx] if export_idx < len(per_cell) else {}
         directives, code = _directive_lines(_cell_source(cell))
         try:
             tree = ast.parse(code)

@@ -27,12 +27,13 @@ from qwen3_scratch.corpus import split_plays
 from qwen3_scratch.fast import fast_generate
 from qwen3_scratch.generate import generate
 from qwen3_scratch.kv_cache import KVCache
+from qwen3_scratch.pretrain import TEACHER_MODEL
 from qwen3_scratch.speculative import SpecStats, check_tokenizers, speculative_generate
 from qwen3_scratch.tokenizer import Qwen3Tokenizer
 from qwen3_scratch.utils import default_device, default_threads, device_name, package_dir, parse_dtype
 from qwen3_scratch.weights import load_pretrained
 
-TEACHER_DIR = package_dir() / "data" / "shakespeare" / "teacher"  # chapter 19's teacher: the larger Shakespeare model
+TEACHER_DIR = TEACHER_MODEL  # chapter 12's larger Shakespeare model, chapter 19's teacher
 STUDENT_DIRS = {name: package_dir() / "data" / "students" / name for name in ("distilled", "pruned", "scratch")}
 
 

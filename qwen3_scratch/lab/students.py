@@ -26,14 +26,15 @@ from qwen3_scratch.distill import DistillConfig, SharedTeacher, TopKCache, Windo
 from qwen3_scratch.lab.student_plots import LABELS, plot_channel_importance, plot_curves, plot_layer_importance
 from qwen3_scratch.generate import generate
 from qwen3_scratch.model import Qwen3Model
-from qwen3_scratch.pretrain import bits_per_char, encode_documents, init_weights, SHIPPED_MODEL, TokenBatches
+from qwen3_scratch.pretrain import (bits_per_char, encode_documents, init_weights, SHIPPED_MODEL, TEACHER_MODEL,
+                                    TokenBatches)
 from qwen3_scratch.trainer import evaluate, make_optimizer
 from qwen3_scratch.prune import half_config, prune
 from qwen3_scratch.tokenizer import Qwen3Tokenizer
 from qwen3_scratch.utils import default_device, device_name, package_dir
 from qwen3_scratch.weights import load_pretrained, save_pretrained
 
-TEACHER_DIR = SHAKESPEARE_DIR / "teacher"  # the full run's teacher (8 x 512); quick runs use chapter 12's model
+TEACHER_DIR = TEACHER_MODEL  # chapter 12's teacher (8 layers x 384); quick runs use chapter 12's small model
 STUDENTS_DIR = SHAKESPEARE_DIR.parent / "students"  # where --ship writes scratch/, distilled/, pruned/
 KINDS = ("scratch", "distilled", "onpolicy", "pruned")
 SHIPPED_KINDS = {"scratch": "scratch", "distilled": "distilled", "pruned": "pruned"}  # folder -> the run it holds
