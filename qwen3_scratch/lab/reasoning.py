@@ -126,7 +126,7 @@ class LabConfig:
     hidden_size: int = 128
     layers: int = 4
     sft_problems: int = 4000  # the cold start: a small set of traced problems ...
-    sft_steps: int = 1000  # ... trained until the format is learned, well short of mastery
+    sft_steps: int = 1200  # ... trained until the format is learned, well short of mastery
     sft_lr: float = 5e-3
     batch_size: int = 16
     grpo: GRPOConfig = field(default_factory=lambda: GRPOConfig(steps=100, lr=3e-4))
