@@ -5,7 +5,7 @@ thinking-mode fusion, measured after every stage (per operation, several seeds),
 checked in transformers against the chapter's targets, and `python -m qwen3_scratch reasoning-lab`. Imports only the
 library. Reference: Qwen3 technical report (arXiv 2505.09388), section 4."""
 
-__all__ = ['SHIPPED', 'fresh_sets', 'transformers_check', 'LabConfig', 'model_config', 'sft', 'held_out', 'stage_report', 'grpo_tasks', 'save_stage', 'run', 'flag_problems', 'flag_check', 'targets', 'main']
+__all__ = ['SHIPPED', 'fresh_sets', 'transformers_check', 'LabConfig', 'model_config', 'sft', 'held_out', 'stage_report', 'grpo_tasks', 'save_stage', 'run', 'flag_problems', 'flag_check', 'targets', 'with_changes', 'main']
 
 
 # %% notebooks/18_thinking.ipynb
@@ -336,6 +336,28 @@ def targets(check) -> dict:
     return {name: (round(v, 4), need, v >= need) for name, (v, need) in rows.items()}
 
 
+def with_changes(cfg: LabConfig, changes) -> LabConfig:
+    """cfg with "field=value" changes ("grpo.field=value" for the GRPO config; tuples as "1,2,3"), each value
+    parsed as the field's current type; ValueError naming the culprit otherwise."""
+    for change in changes:
+        name, sep, text = change.partition("=")
+        target = cfg.grpo if name.startswith("grpo.") else cfg
+        key = name.removeprefix("grpo.")
+        if not sep or key not in {f.name for f in dataclasses.fields(target)}:
+            raise ValueError(f"{change!r}: expected FIELD=VALUE with FIELD one of LabConfig's (grpo.FIELD: GRPOConfig's)")
+        old = getattr(target, key)
+        try:
+            value = (tuple(int(v) for v in text.split(",") if v) if isinstance(old, tuple) else
+                     text.lower() in ("1", "true", "yes") if isinstance(old, bool) else type(old)(text))
+        except ValueError:
+            raise ValueError(f"{change!r}: {key} takes a {type(old).__name__}") from None
+        if target is cfg.grpo:
+            cfg = dataclasses.replace(cfg, grpo=dataclasses.replace(cfg.grpo, **{key: value}))
+        else:
+            cfg = dataclasses.replace(cfg, **{key: value})
+    return cfg
+
+
 def main(argv=None) -> int:
     """`python -m qwen3_scratch reasoning-lab [--ship | --out DIR] [--quick] [--threads N]`: the chapter's full run.
     Writes OUT/sft, OUT/rl, OUT/results.json and OUT/figures; --ship writes the checkpoints into the package
@@ -351,6 +373,8 @@ def main(argv=None) -> int:
     p.add_argument("--check-problems", type=int, default=100, help="per operation and seed, for the transformers "
                    "check (default 100)")
     p.add_argument("--cold-start", help="start from this cold-start checkpoint instead of training one")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="change one LabConfig field "
+                   "(grpo.FIELD for GRPOConfig's), e.g. --set grpo.steps=40 --set budgets=0,32,64; repeatable")
     args = p.parse_args(argv)
     for name in ("threads", "check_problems"):
         if getattr(args, name) < 1:
@@ -369,6 +393,11 @@ def main(argv=None) -> int:
     results = root / "results" / "18_thinking.json" if args.ship else out / "results.json"
     figures = root / "figures" if args.ship else out / "figures"
     cfg = LabConfig.quick() if args.quick else LabConfig()
+    try:
+        cfg = with_changes(cfg, args.set)
+    except ValueError as e:
+        print(f"error: --set {e}", file=sys.stderr)
+        return 2
     res = run(cfg, out, log=lambda s: print(s, flush=True), cold_start=args.cold_start)
     t0 = time.perf_counter()
     seeds, trained = cfg.eval_seeds, {tuple(x) for x in res.pop("trained_problems")}
