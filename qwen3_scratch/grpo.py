@@ -82,7 +82,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps: float = 0.2,
 # %% notebooks/18_thinking.ipynb
 @dataclass
 class GRPOConfig:
-    """One GRPO run. The defaults trained the shipped model (chapter 18)."""
+    """One GRPO run, with chapter 18's full settings as defaults (the shipped run's are in its results JSON)."""
     steps: int = 100  # batches of rollouts
     prompts_per_step: int = 16  # P prompts per batch ...
     group_size: int = 8  # ... G sampled replies each

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from qwen3_scratch.lab.reasoning import LabConfig, fresh_sets, grpo_tasks, held_out, main, targets
+from qwen3_scratch.lab.reasoning import LabConfig, fresh_sets, grpo_tasks, held_out, main, targets, with_changes
 from qwen3_scratch.reasoning import OPS, draw_problems, prompt_ids
 from qwen3_scratch.utils import package_dir
 
@@ -74,7 +74,39 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     assert capsys.readouterr().err == "error: --threads must be >= 1, got 0\n"
     assert main(["--cold-start", str(tmp_path / "nowhere"), "--out", str(tmp_path)]) == 2
     assert "no checkpoint there (config.json missing)" in capsys.readouterr().err
+    assert main(["--set", "grpo.stepz=3", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("error: --set 'grpo.stepz=3': expected FIELD=VALUE")
     assert not list(tmp_path.iterdir()), "nothing written before the arguments are checked"
+
+
+def test_publish_copies_a_finished_run_only(tmp_path, monkeypatch, capsys):
+    import qwen3_scratch.lab.reasoning as lab
+    run, root = tmp_path / "run", tmp_path / "checkout"
+    assert main(["--publish", str(run)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --publish {run}: not a finished run")
+    for stage in ("sft", "rl"):
+        (run / stage).mkdir(parents=True)
+        (run / stage / "metrics.json").write_text("{}")
+    (run / "figures").mkdir()
+    (run / "figures" / "18_budget.png").write_bytes(b"png")
+    (run / "results.json").write_text('{"targets": {}}')
+    (root / "results").mkdir(parents=True)
+    (root / "figures").mkdir()
+    monkeypatch.setattr(lab, "SHIPPED", root / "data" / "reasoning")
+    assert lab.publish(run, root) == 0
+    assert (root / "data" / "reasoning" / "rl" / "metrics.json").is_file()
+    assert (root / "results" / "18_thinking.json").read_text() == '{"targets": {}}'
+    assert (root / "figures" / "18_budget.png").read_bytes() == b"png"
+
+
+def test_set_changes_fields_by_their_type():
+    cfg = with_changes(LabConfig(), ["grpo.steps=40", "budgets=0,32", "fusion_cut=0.25", "grpo.filter_groups=true"])
+    assert (cfg.grpo.steps, cfg.budgets, cfg.fusion_cut, cfg.grpo.filter_groups) == (40, (0, 32), 0.25, True)
+    assert LabConfig().grpo.steps == 100, "the defaults are untouched"
+    with pytest.raises(ValueError, match="steps takes a int"):
+        with_changes(cfg, ["grpo.steps=many"])
+    with pytest.raises(ValueError, match="GRPOConfig.steps must be >= 1"):
+        with_changes(cfg, ["grpo.steps=0"])
 
 
 @pytest.mark.parametrize("stage", ["sft", "rl"])

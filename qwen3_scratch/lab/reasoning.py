@@ -5,7 +5,7 @@ thinking-mode fusion, measured after every stage (per operation, several seeds),
 checked in transformers against the chapter's targets, and `python -m qwen3_scratch reasoning-lab`. Imports only the
 library. Reference: Qwen3 technical report (arXiv 2505.09388), section 4."""
 
-__all__ = ['SHIPPED', 'fresh_sets', 'transformers_check', 'LabConfig', 'model_config', 'sft', 'held_out', 'stage_report', 'grpo_tasks', 'save_stage', 'run', 'flag_problems', 'flag_check', 'targets', 'with_changes', 'main']
+__all__ = ['SHIPPED', 'fresh_sets', 'transformers_check', 'LabConfig', 'model_config', 'sft', 'held_out', 'stage_report', 'grpo_tasks', 'save_stage', 'run', 'flag_problems', 'flag_check', 'targets', 'publish', 'with_changes', 'main']
 
 
 # %% notebooks/18_thinking.ipynb
@@ -122,11 +122,11 @@ def transformers_check(folder, problem_sets, budgets=(0,), modes=(True, False), 
 # %% notebooks/18_thinking.ipynb
 @dataclass
 class LabConfig:
-    """Every knob of the chapter's run; the defaults made the shipped checkpoints, quick() the CI-sized run."""
+    """Every knob of the chapter's run: the defaults are the full settings, quick() the CI-sized run."""
     hidden_size: int = 128
     layers: int = 4
     sft_problems: int = 4000  # the cold start: a small set of traced problems ...
-    sft_steps: int = 1200  # ... trained until the format is learned, well short of mastery
+    sft_steps: int = 1000  # ... trained until the format is learned, well short of mastery
     sft_lr: float = 5e-3
     batch_size: int = 16
     grpo: GRPOConfig = field(default_factory=lambda: GRPOConfig(steps=100, lr=3e-4))
@@ -336,6 +336,22 @@ def targets(check) -> dict:
     return {name: (round(v, 4), need, v >= need) for name, (v, need) in rows.items()}
 
 
+def publish(src: Path, root: Path) -> int:
+    """Copy a finished run (src/sft, src/rl, src/results.json, src/figures/18_*.png) to where --ship writes."""
+    import shutil
+    need = [src / "sft" / "metrics.json", src / "rl" / "metrics.json", src / "results.json"]
+    if missing := [str(f) for f in need if not f.is_file()]:
+        print(f"error: --publish {src}: not a finished run ({missing[0]} missing)", file=sys.stderr)
+        return 2
+    for stage in ("sft", "rl"):
+        shutil.copytree(src / stage, SHIPPED / stage, dirs_exist_ok=True)
+    shutil.copyfile(src / "results.json", root / "results" / "18_thinking.json")
+    for fig in sorted((src / "figures").glob("18_*.png")):
+        shutil.copyfile(fig, root / "figures" / fig.name)
+    print(f"published {src} to {SHIPPED}, results/18_thinking.json and figures/")
+    return 0
+
+
 def with_changes(cfg: LabConfig, changes) -> LabConfig:
     """cfg with "field=value" changes ("grpo.field=value" for the GRPO config; tuples as "1,2,3"), each value
     parsed as the field's current type; ValueError naming the culprit otherwise."""
@@ -373,6 +389,8 @@ def main(argv=None) -> int:
     p.add_argument("--check-problems", type=int, default=100, help="per operation and seed, for the transformers "
                    "check (default 100)")
     p.add_argument("--cold-start", help="start from this cold-start checkpoint instead of training one")
+    p.add_argument("--publish", metavar="DIR", help="run nothing: copy a finished --out DIR's checkpoints, results "
+                   "and figures to where --ship writes them")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="change one LabConfig field "
                    "(grpo.FIELD for GRPOConfig's), e.g. --set grpo.steps=40 --set budgets=0,32,64; repeatable")
     args = p.parse_args(argv)
@@ -383,12 +401,14 @@ def main(argv=None) -> int:
     if args.cold_start and not (Path(args.cold_start) / "config.json").is_file():
         print(f"error: --cold-start {args.cold_start}: no checkpoint there (config.json missing)", file=sys.stderr)
         return 2
+    root = package_dir().resolve().parent
+    if args.publish:
+        return publish(Path(args.publish), root)
     torch.set_num_threads(args.threads)
     import matplotlib
     matplotlib.use("Agg")  # figures go to files
     from qwen3_scratch.lab.reasoning_plots import FIGURES
     from qwen3_scratch.utils import save_figure
-    root = package_dir().resolve().parent
     out = SHIPPED if args.ship else Path(args.out)
     results = root / "results" / "18_thinking.json" if args.ship else out / "results.json"
     figures = root / "figures" if args.ship else out / "figures"
