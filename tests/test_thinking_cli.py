@@ -15,7 +15,7 @@ from qwen3_scratch.utils import package_dir
 
 RL = package_dir() / "data" / "reasoning" / "rl"
 pytestmark = pytest.mark.usefixtures("one_thread")
-QUESTION = "What is 4739 * 85?"
+QUESTION = "What is 4739 + 85?"
 
 
 def run(argv, stdin=""):
@@ -26,7 +26,7 @@ def run(argv, stdin=""):
 
 def test_generate_thinks_answers_and_obeys_the_budget():
     status, out, err = run(["generate", "--model", str(RL), "--prompt", QUESTION, "--chat", "--max-new-tokens", "300"])
-    assert status == 0 and out.startswith("<think>\n4739*85\n") and out.rstrip().endswith("</think>\n\n402815"), out
+    assert status == 0 and out.startswith("<think>\n4739+85\n") and out.rstrip().endswith("</think>\n\n4824"), out
     status, out, _ = run(["generate", "--model", str(RL), "--prompt", QUESTION, "--chat", "--no-think"])
     assert status == 0 and "<think>" not in out and out.strip().isdigit(), "non-thinking: the answer at once"
     status, out, _ = run(["generate", "--model", str(RL), "--prompt", QUESTION, "--chat", "--thinking-budget", "10",
@@ -45,7 +45,7 @@ def test_chat_shows_thinking_apart_and_hides_the_forced_tail():
     answer = reply.split("</think>\n\n", 1)[1].strip()
     assert answer.isdigit(), f"the answer is the model's digits, without the forced '.': {answer!r}"
     status, out, _ = run(["chat", "--model", str(RL), "--temperature", "0"], stdin=f"{QUESTION}\n")
-    assert "</think>\n\n402815" in out
+    assert "</think>\n\n4824" in out
 
 
 def test_bad_budgets_and_tokenizers_are_one_line(tmp_path):
@@ -80,7 +80,7 @@ def ask(client, **extra):
 
 def test_serve_splits_reasoning_and_switches_modes_like_vllm(server):
     m = ask(server).choices[0].message
-    assert m.content == "402815" and m.reasoning_content.startswith("4739*85\n")
+    assert m.content == "4824" and m.reasoning_content.startswith("4739+85\n")
     m = ask(server, chat_template_kwargs={"enable_thinking": False}).choices[0].message
     assert m.content.isdigit() and not m.reasoning_content
     m = ask(server, thinking_budget=0).choices[0].message
@@ -92,7 +92,7 @@ def test_serve_splits_reasoning_and_switches_modes_like_vllm(server):
         delta = chunk.choices[0].delta if chunk.choices else None
         text["reasoning"] += (getattr(delta, "reasoning_content", None) or "") if delta else ""
         text["content"] += (delta.content or "") if delta else ""
-    assert text["reasoning"].startswith("4739*85\n") and "directly now." in text["reasoning"]
+    assert text["reasoning"].startswith("4739+85\n") and "directly now." in text["reasoning"]
     assert text["content"].isdigit(), f"streamed answer without the forced '.': {text['content']!r}"
     with pytest.raises(openai.BadRequestError) as e:
         ask(server, thinking_budget=-3)
