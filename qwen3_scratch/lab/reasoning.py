@@ -129,7 +129,7 @@ class LabConfig:
     sft_steps: int = 1000  # ... trained until the format is learned, well short of mastery
     sft_lr: float = 5e-3
     batch_size: int = 16
-    grpo: GRPOConfig = field(default_factory=lambda: GRPOConfig(steps=100, lr=3e-4))
+    grpo: GRPOConfig = field(default_factory=lambda: GRPOConfig(steps=100, lr=1e-4))
     fusion_thinking: int = 3000  # problems offered to rejection sampling
     fusion_plain: int = 3000  # problems answered without thinking
     fusion_cut: float = 0.1  # share of the verified thinking cut by the budget's message at a random length
@@ -444,7 +444,3 @@ def main(argv=None) -> int:
         print(f"  {name:36} {value:7.1%}  (target >= {need:.0%})  {'met' if met else 'MISSED'}")
     print(f"wrote {out}/sft, {out}/rl, {results}, {figures}/18_*.png")
     return 0 if args.quick or all(met for _, _, met in res["targets"].values()) else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
