@@ -20,6 +20,8 @@ COMMANDS = {  # in chapter order
     "serve": ("qwen3_scratch.server", True, "an OpenAI-compatible HTTP server with continuous batching (chapter 17)"),
     "serve-bench": ("qwen3_scratch.lab.serve_bench", False,
                     "chapter 17's throughput benchmark: sequential vs concurrent"),
+    "reasoning-lab": ("qwen3_scratch.lab.reasoning", False,
+                      "chapter 18's full run: cold start, GRPO, fusion, budget; checkpoints, results, figures"),
     "distill": ("qwen3_scratch.distill_cli", True, "distill a teacher into a student, off- or on-policy (chapter 19)"),
     "distill-lab": ("qwen3_scratch.lab.students", False,
                     "chapter 19's four students (scratch, distilled, on-policy, pruned): results, figures"),

@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--top-k", type=int, help="keep the k most likely tokens (chat default 20)")
     common.add_argument("--top-p", type=float, help="keep the nucleus of mass p (chat default 0.95 / 0.8)")
     common.add_argument("--no-think", action="store_true", help="start with thinking off")
+    common.add_argument("--thinking-budget", type=int, metavar="N", help="end the thinking after N tokens with "
+                        "Qwen3's message, then let the model answer (chapter 18)")
     common.add_argument("--system", help="a system prompt")
     common.add_argument("--seed", type=int, help="seed for reproducible sampling")
     common.add_argument("--draft", metavar="DIR", help="a small model with the same tokenizer that drafts tokens "
@@ -153,10 +155,15 @@ def run_generate(args, stdin, out, shard=None, err=None) -> int:
     if not ids:
         raise ValueError("empty prompt: --prompt has no text to continue")
     device = next(model.parameters()).device
-    decode = decode_function(args, model, tok, err) or stream_generate
-    steps = decode(model, torch.tensor([ids], device=device), args.max_new_tokens or 128,
-                   eos_token_id=tok.stop_token_ids, generator=_generator(model, args.seed),
-                   **sampling_options(args, think, greedy_default=not args.chat))
+    budget = None
+    if args.thinking_budget is not None:  # chapter 18: Qwen3's message ends the thinking after N tokens
+        from qwen3_scratch.thinking import BudgetFilter
+        budget = BudgetFilter(tok, args.thinking_budget, [ids])
+    decode = decode_function(args, model, tok, err)
+    extra = {} if decode else {"token_filter": budget}  # main() refuses --draft with --thinking-budget
+    steps = (decode or stream_generate)(model, torch.tensor([ids], device=device), args.max_new_tokens or 128,
+                                        eos_token_id=tok.stop_token_ids, generator=_generator(model, args.seed),
+                                        **extra, **sampling_options(args, think, greedy_default=not args.chat))
     decoder = StreamDecoder(tok)
     for nxt in steps:
         token = int(nxt[0])
@@ -189,7 +196,7 @@ def run_chat(args, stdin, out, err=None) -> int:
                           max_new_tokens=args.max_new_tokens or 1024, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p, generator=_generator(model, args.seed),
                           split_special_tokens=True,  # what the user types is text, never control tokens
-                          decode=decode_function(args, model, tok, err))
+                          decode=decode_function(args, model, tok, err), thinking_budget=args.thinking_budget)
     interactive = stdin is sys.stdin and stdin.isatty()
     color = hasattr(out, "isatty") and out.isatty()
     out.write(f"[{args.model}: thinking {'on' if session.enable_thinking else 'off'}; {CHAT_HELP}]\n")
@@ -237,6 +244,12 @@ def main(argv=None, stdin=None, stdout=None, stderr=None) -> int:
         return 2
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         stderr.write(f"error: --max-new-tokens must be >= 1, got {args.max_new_tokens}\n")
+        return 2
+    if args.thinking_budget is not None and args.thinking_budget < 0:
+        stderr.write(f"error: --thinking-budget must be >= 0 (tokens of thinking), got {args.thinking_budget}\n")
+        return 2
+    if args.thinking_budget is not None and args.draft:
+        stderr.write("error: --thinking-budget cannot be combined with --draft (the budget filters generate's tokens)\n")
         return 2
     if args.draft_tokens is not None and (args.draft_tokens < 1 or not args.draft):
         stderr.write(f"error: --draft-tokens must be >= 1 and comes with --draft, got {args.draft_tokens}\n")

@@ -90,12 +90,10 @@ class LLMEngine:
                 seq.generator = torch.Generator(device=row.device).manual_seed(p.seed)
             tok = best if p.temperature == 0 else int(sample_next(row[None], p.temperature, p.top_k, p.top_p,
                                                                   seq.generator)[0])
+            if p.token_filter is not None:
+                tok = p.token_filter(tok)
             seq.num_computed = len(seq.token_ids)
             self.blocks.register(seq.block_table, seq.token_ids, seq.num_computed)
-            if seq.thinking_since is not None and len(seq.token_ids) - seq.thinking_since >= p.thinking_budget:
-                tok = p.think_ids[1]  # the thinking budget is spent: close the block, the answer comes next
-            if p.thinking_budget is not None and tok in p.think_ids:
-                seq.thinking_since = len(seq.token_ids) + 1 if tok == p.think_ids[0] else None
             seq.token_ids.append(tok)
             if tok in p.stop_token_ids:
                 self.scheduler.finish(seq, "stop")

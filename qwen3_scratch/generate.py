@@ -170,14 +170,15 @@ KV_BLOCK = 256  # the plain path's cache grows by whole blocks of this many slot
 
 @torch.no_grad()
 def _decode(model, input_ids, max_new_tokens, temperature, top_k, top_p, stops, use_cache, attention_mask,
-            generator):
+            generator, token_filter=None):
     B, T = input_ids.shape
     # grown block by block: a reply that stops early never pays for max_new_tokens slots
     cache = KVCache.for_model(model, B, T + max_new_tokens, block_size=KV_BLOCK) if use_cache else None
     seq, mask, step_in = input_ids, attention_mask, input_ids
     for _ in range(max_new_tokens):
         logits = model(step_in if use_cache else seq, attention_mask=mask, kv_cache=cache, last_only=True)
-        nxt = stops(sample_next(logits[:, -1], temperature, top_k, top_p, generator))  # (B,)
+        nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
+        nxt = stops(token_filter(nxt) if token_filter is not None else nxt)  # (B,)
         yield nxt
         if stops.all_done:
             return
@@ -191,25 +192,28 @@ def _decode(model, input_ids, max_new_tokens, temperature, top_k, top_p, stops, 
 
 # %% notebooks/09_generation.ipynb
 def stream_generate(model, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
-                    eos_token_id=None, use_cache=True, attention_mask=None, generator=None, pad_token_id=None):
+                    eos_token_id=None, use_cache=True, attention_mask=None, generator=None, pad_token_id=None,
+                    token_filter=None):
     """Like `generate`, but an iterator that yields each step's new tokens, (B,), as soon as they exist.
     The arguments are checked here, before the first token, so mistakes raise at the call."""
     B, _ = check_generate_args(model, input_ids, max_new_tokens, attention_mask, temperature, top_k, top_p)
     stops = StopTokens(eos_token_id, B, input_ids.device, pad_token_id)
     return _decode(model, input_ids, max_new_tokens, temperature, top_k, top_p, stops, use_cache, attention_mask,
-                   generator)
+                   generator, token_filter)
 
 
 def generate(model, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, eos_token_id=None,
-             use_cache=True, attention_mask=None, generator=None, pad_token_id=None):
+             use_cache=True, attention_mask=None, generator=None, pad_token_id=None, token_filter=None):
     """input_ids (B, T) -> (B, T + n) LongTensor, n <= max_new_tokens new tokens after the prompt.
     temperature 0 = greedy; else sampling with optional top_k / top_p (generator: reproducible draws).
     eos_token_id: an int or a list; a row that emits one is finished and then repeats that token
     (or pad_token_id) until every row is finished, which ends generation early.
     attention_mask (B, T): 1 for tokens, 0 for LEFT padding; positions count only the real tokens.
-    use_cache=False recomputes the whole sequence at every step (same tokens, much slower)."""
+    use_cache=False recomputes the whole sequence at every step (same tokens, much slower).
+    token_filter: a callable (B,) sampled ids -> (B,) ids to emit, applied before the stop tokens (chapter 18's
+    thinking budget writes its message this way)."""
     steps = stream_generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, use_cache,
-                            attention_mask, generator, pad_token_id)
+                            attention_mask, generator, pad_token_id, token_filter)
     return torch.cat([input_ids] + [t[:, None] for t in steps], dim=1)
 
 
@@ -287,17 +291,21 @@ class ChatSession:
     and answer. Sampling defaults to the model card's recommendation for the current mode; set
     temperature=0 for greedy. enable_thinking can be switched between turns. split_special_tokens=True: text
     like `<|im_start|>` inside a message is plain text, not a control token (chapter 1). decode: a function with
-    stream_generate's signature that produces the reply (chapter 20 passes its speculative decoding here)."""
+    stream_generate's signature that produces the reply (chapter 20 passes its speculative decoding here).
+    thinking_budget=N ends the thinking after N tokens with Qwen3's message (chapter 18)."""
 
     def __init__(self, model, tokenizer=None, system=None, enable_thinking=True, max_new_tokens=1024,
                  temperature=None, top_k=None, top_p=None, generator=None, split_special_tokens=False,
-                 decode=None):
+                 decode=None, thinking_budget=None):
+        if decode is not None and thinking_budget is not None:
+            raise ValueError("thinking_budget needs stream_generate's token_filter: it cannot be combined with decode")
         self.model, self.tokenizer = model, tokenizer or Qwen3Tokenizer()
         self.system, self.enable_thinking, self.max_new_tokens = system, enable_thinking, max_new_tokens
         self.overrides = dict(temperature=temperature, top_k=top_k, top_p=top_p)
         self.generator, self.last_reply = generator, None
         self.split_special_tokens = split_special_tokens  # True: special-token text in messages stays plain text
         self.decode = decode or stream_generate
+        self.thinking_budget = thinking_budget  # None: think as long as the model likes
         self.reset()
 
     def reset(self):
@@ -326,16 +334,24 @@ class ChatSession:
                              f"max_position_embeddings={limit}: reset() to start again")
         device = next(self.model.parameters()).device
         prompt = torch.tensor([ids], device=device)  # (1, T)
+        budget, extra = None, {}
+        if self.thinking_budget is not None:
+            from qwen3_scratch.thinking import BudgetFilter  # chapter 18 builds the thinking budget
+            budget = BudgetFilter(self.tokenizer, self.thinking_budget, [ids])
+            extra = {"token_filter": budget}
         steps = self.decode(self.model, prompt, min(self.max_new_tokens, limit - len(ids)),
-                            eos_token_id=self.tokenizer.stop_token_ids, generator=self.generator, **self.sampling())
-        return self._reply(user_text, steps)
+                            eos_token_id=self.tokenizer.stop_token_ids, generator=self.generator, **extra,
+                            **self.sampling())
+        return self._reply(user_text, steps, budget)
 
-    def _reply(self, user_text, steps):
+    def _reply(self, user_text, steps, budget=None):
         self.messages.append({"role": "user", "content": user_text})
         splitter, ids, parts = ThinkingSplitter(self.tokenizer), [], {"thinking": [], "answer": []}
         try:
             for nxt in steps:
                 ids.append(int(nxt[0]))
+                if budget is not None and budget.rows[0].last_hidden:
+                    continue  # the budget's forced '.\n\n' after </think>: not part of the answer
                 for channel, text in splitter.put(ids[-1]):
                     parts[channel].append(text)
                     yield channel, text

@@ -4,7 +4,7 @@
 fields we do not use, as vLLM's do), and the error object answered for what a client got wrong, naming the field.
 Reference: OpenAI's API reference; vLLM's entrypoints/openai/protocol.py."""
 
-__all__ = ['StreamOptions', 'CompletionRequest', 'ChatMessage', 'ChatRequest', 'APIError', 'MAX_BODY_BYTES', 'read_body', 'parse_body']
+__all__ = ['StreamOptions', 'CompletionRequest', 'ChatMessage', 'ChatRequest', 'APIError', 'MAX_BODY_BYTES', 'read_body', 'parse_body', 'sse_event', 'content_text']
 
 
 # %% notebooks/17_serving.ipynb
@@ -50,7 +50,7 @@ class ChatRequest(_Request):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
     chat_template_kwargs: dict | None = None
-    thinking_budget: int | None = None  # most reasoning tokens before </think> is forced (not OpenAI's)
+    thinking_budget: int | None = None  # chapter 18: end the thinking after this many tokens (Qwen3's message)
 
 
 # %% notebooks/17_serving.ipynb
@@ -113,3 +113,21 @@ async def parse_body(request: Request, schema, max_bytes: int = MAX_BODY_BYTES):
             path.append(str(part))
         param = ".".join(path) or None
         raise APIError(400, f"{param}: {err['msg']}" if param else err["msg"], param=param, code="invalid_value")
+
+
+def sse_event(obj) -> str:
+    """One server-sent event: `data: <json>` and a blank line (how OpenAI streams chunks)."""
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def content_text(message: ChatMessage, i: int) -> str:
+    """A message's content as text: a str, or OpenAI's list of {"type": "text", "text": ...} parts."""
+    if message.content is None or isinstance(message.content, str):
+        return message.content or ""
+    texts = []
+    for part in message.content:
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise APIError(400, f"messages.{i}.content: only text parts are supported, got {part.get('type')!r}",
+                           param=f"messages.{i}.content", code="invalid_value")
+        texts.append(part["text"])
+    return "".join(texts)

@@ -26,15 +26,11 @@ class SamplingParams:
     top_p: float | None = None
     seed: int | None = None
     stop_token_ids: tuple = ()
-    thinking_budget: int | None = None  # most reasoning tokens after <think>; then </think> is forced
-    think_ids: tuple = ()  # (<think>, </think>): needed with a thinking_budget
+    token_filter: object = None  # a callable: sampled token id -> token id to emit (chapter 18's thinking budget)
 
     def __post_init__(self):
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if self.thinking_budget is not None and (not isinstance(self.thinking_budget, int) or self.thinking_budget < 0
-                                                 or len(self.think_ids) != 2):
-            raise ValueError(f"thinking_budget must be an integer >= 0 with think_ids, got {self.thinking_budget!r}")
         check_sampling_args(self.temperature, self.top_k, self.top_p)
 
 
@@ -51,11 +47,6 @@ class Sequence:
         self.num_cached = 0  # prompt tokens found in the prefix cache at the last admission
         self.status, self.finish_reason, self.preemptions = "waiting", None, 0
         self.generator = None  # with a seed: this request's own torch.Generator, made by the engine on its device
-        self.thinking_since = None  # with a thinking budget: where the open <think> block's tokens start
-        if params.thinking_budget is not None:  # a prompt may open the block itself (Qwen3-2507's thinking models)
-            where = {t: max((i for i, x in enumerate(self.token_ids) if x == t), default=-1) for t in params.think_ids}
-            if where[params.think_ids[0]] > where[params.think_ids[1]]:
-                self.thinking_since = self.prompt_len
 
     @property
     def num_generated(self) -> int:

@@ -9,8 +9,6 @@ __all__ = ['TextStream', 'Generation', 'OpenAIServer', 'ServerThread', 'build_en
 
 # %% notebooks/17_serving.ipynb
 import argparse
-import dataclasses
-import json
 import socket
 import sys
 import threading
@@ -25,8 +23,8 @@ from starlette.concurrency import run_in_threadpool
 from qwen3_scratch.engine import AsyncEngine, LLMEngine, QueueFull
 from qwen3_scratch.generate import ThinkingSplitter
 from qwen3_scratch.memory import check_memory, kv_cache_bytes
-from qwen3_scratch.openai_protocol import (MAX_BODY_BYTES, APIError, ChatMessage, ChatRequest, CompletionRequest,
-                                           parse_body)
+from qwen3_scratch.openai_protocol import (MAX_BODY_BYTES, APIError, ChatRequest, CompletionRequest, content_text,
+                                           parse_body, sse_event)
 from qwen3_scratch.scheduler import SamplingParams
 from qwen3_scratch.tokenizer import StreamDecoder
 from qwen3_scratch.utils import package_dir
@@ -88,7 +86,7 @@ class Generation:
     """One request in flight: submits it, turns its token events into text deltas, and makes sure that the
     engine lets go of it (frees its blocks) however it ends: done, stop string, error or disconnect."""
 
-    def __init__(self, engine: AsyncEngine, prompt_ids, params: SamplingParams, text: TextStream):
+    def __init__(self, engine: AsyncEngine, prompt_ids, params: SamplingParams, text: TextStream, display=None):
         try:
             self.seq, self.queue = engine.submit(prompt_ids, params)
         except QueueFull as e:
@@ -97,6 +95,7 @@ class Generation:
         except ValueError as e:
             raise APIError(400, str(e), param="max_tokens", code="context_length_exceeded")
         self.engine, self.text, self.prompt_tokens = engine, text, len(prompt_ids)
+        self.display = display  # a ThinkingBudget fed the same tokens as the engine's (chapter 18), or None
         self.completion_tokens, self.finish_reason = 0, None
         self.first_token_at = None
 
@@ -110,7 +109,8 @@ class Generation:
                 token, reason = event
                 self.completion_tokens += 1
                 self.first_token_at = self.first_token_at or time.perf_counter()
-                for piece in self.text.put(token):
+                hidden = self.display is not None and self.display.observe(token)  # the budget's forced '.\n\n'
+                for piece in ([] if hidden else self.text.put(token)):
                     yield piece
                 if self.text.stopped:
                     reason = "stop"
@@ -127,31 +127,16 @@ class Generation:
 
 
 # %% notebooks/17_serving.ipynb
-def _sse(obj) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-def _content_text(message: ChatMessage, i: int) -> str:
-    """A message's content as text: a str, or OpenAI's list of {"type": "text", "text": ...} parts."""
-    if message.content is None or isinstance(message.content, str):
-        return message.content or ""
-    texts = []
-    for part in message.content:
-        if part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise APIError(400, f"messages.{i}.content: only text parts are supported, got {part.get('type')!r}",
-                           param=f"messages.{i}.content", code="invalid_value")
-        texts.append(part["text"])
-    return "".join(texts)
-
-
 class OpenAIServer:
     """The HTTP side: OpenAI's /v1/models, /v1/completions and /v1/chat/completions (+ /health) in front of an
     AsyncEngine. Checks every request before it reaches the engine; `app` is the FastAPI application. Bodies over
     max_body_bytes are refused (413); prompts are tokenized on worker threads, so a long one blocks no one."""
 
     def __init__(self, engine: LLMEngine, tokenizer, model_name: str, max_waiting: int = 256,
-                 max_body_bytes: int = MAX_BODY_BYTES):
+                 max_body_bytes: int = MAX_BODY_BYTES, enable_thinking: bool = True,
+                 thinking_budget: int | None = None):
         self.engine, self.max_body_bytes = AsyncEngine(engine, max_waiting), max_body_bytes
+        self.enable_thinking, self.thinking_budget = enable_thinking, thinking_budget  # defaults for chat requests
         self.tokenizer, self.model_name, self.created = tokenizer, model_name, int(time.time())
         self.max_model_len = engine.max_model_len
         self.app = self._build_app()
@@ -211,13 +196,13 @@ class OpenAIServer:
                 raise APIError(400, "messages is empty: a chat needs at least one message", param="messages",
                                code="invalid_value")
             kwargs = req.chat_template_kwargs or {}
-            thinking = kwargs.get("enable_thinking", True)
+            thinking = kwargs.get("enable_thinking", self.enable_thinking)
             if not isinstance(thinking, bool):
                 raise APIError(400, "chat_template_kwargs.enable_thinking must be true or false",
                                param="chat_template_kwargs.enable_thinking", code="invalid_value")
             messages = []
             for i, m in enumerate(req.messages):
-                message = {"role": m.role, "content": _content_text(m, i)}
+                message = {"role": m.role, "content": content_text(m, i)}
                 if m.reasoning_content is not None:
                     message["reasoning_content"] = m.reasoning_content
                 messages.append(message)
@@ -232,14 +217,18 @@ class OpenAIServer:
                                param="max_completion_tokens", code="invalid_value")
             name, value = (("max_completion_tokens", req.max_completion_tokens)
                            if req.max_completion_tokens is not None else ("max_tokens", req.max_tokens))
-            if req.thinking_budget is not None and req.thinking_budget < 0:
-                raise APIError(400, f"thinking_budget must be >= 0, got {req.thinking_budget}",
+            budget = self.thinking_budget if req.thinking_budget is None else req.thinking_budget
+            if budget is not None and budget < 0:
+                raise APIError(400, f"thinking_budget must be >= 0 (tokens of thinking), got {budget}",
                                param="thinking_budget", code="invalid_value")
             params = self._params(req, prompt_ids, value, name, "messages", default=None)
-            if thinking and req.thinking_budget is not None:
-                params = dataclasses.replace(params, thinking_budget=req.thinking_budget, think_ids=(
-                    self.tokenizer.think_id, self.tokenizer.end_think_id))
-            gen = Generation(self.engine, prompt_ids, params, TextStream(self.tokenizer, self._stops(req), chat=True))
+            display = None
+            if budget is not None:  # chapter 18: the engine forces Qwen3's message; a copy follows for the display
+                from qwen3_scratch.thinking import ThinkingBudget
+                params.token_filter = ThinkingBudget(self.tokenizer, budget, prompt_ids).next_token
+                display = ThinkingBudget(self.tokenizer, budget, prompt_ids)
+            gen = Generation(self.engine, prompt_ids, params, TextStream(self.tokenizer, self._stops(req), chat=True),
+                             display)
             return await self._respond(req, gen, chat=True)
 
         return app
@@ -315,9 +304,9 @@ class OpenAIServer:
         chunk, then [DONE]."""
         def chunk(delta=None, finish_reason=None):
             if chat:
-                return _sse({**head, "choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish_reason,
+                return sse_event({**head, "choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish_reason,
                                                   "logprobs": None}]})
-            return _sse({**head, "choices": [{"index": 0, "text": (delta or {}).get("text", ""),
+            return sse_event({**head, "choices": [{"index": 0, "text": (delta or {}).get("text", ""),
                                               "finish_reason": finish_reason, "logprobs": None}]})
 
         if chat:
@@ -326,11 +315,11 @@ class OpenAIServer:
             async for channel, text in gen.pieces():
                 yield chunk({"reasoning_content" if channel == "reasoning" else channel: text})
         except RuntimeError as e:
-            yield _sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": "engine_error"}})
+            yield sse_event({"error": {"message": str(e), "type": "server_error", "param": None, "code": "engine_error"}})
             return
         yield chunk(finish_reason=gen.finish_reason)
         if req.stream_options is not None and req.stream_options.include_usage:
-            yield _sse({**head, "choices": [], "usage": gen.usage()})
+            yield sse_event({**head, "choices": [], "usage": gen.usage()})
         yield "data: [DONE]\n\n"
 
 
@@ -409,6 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"largest request body; bigger ones get 413 (default {MAX_BODY_BYTES:,})")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="weights and KV dtype")
+    p.add_argument("--no-think", action="store_true", help="chat requests answer without thinking unless they send "
+                   'chat_template_kwargs: {"enable_thinking": true}')
+    p.add_argument("--thinking-budget", type=int, metavar="N", help="default thinking budget of chat requests "
+                   "(a request's thinking_budget overrides it; chapter 18)")
     return p
 
 
@@ -426,6 +419,10 @@ def main(argv=None) -> int:
     if not 1 <= args.port <= 65535:
         print(f"error: --port must be between 1 and 65535, got {args.port}", file=sys.stderr)
         return 2
+    if args.thinking_budget is not None and args.thinking_budget < 0:
+        print(f"error: --thinking-budget must be >= 0 (tokens of thinking), got {args.thinking_budget}",
+              file=sys.stderr)
+        return 2
     for name in ("max_batch", "max_model_len", "block_size", "num_blocks", "max_waiting", "max_body_bytes"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -438,7 +435,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     server = OpenAIServer(engine, tokenizer, args.served_model_name or args.model, args.max_waiting,
-                          args.max_body_bytes)
+                          args.max_body_bytes, enable_thinking=not args.no_think,
+                          thinking_budget=args.thinking_budget)
     kv = engine.cache.nbytes() / 2**20
     print(f"serving {server.model_name!r} on http://{args.host}:{args.port}/v1, chat page at / (max_model_len "
           f"{engine.max_model_len}, {engine.blocks.num_blocks} KV blocks x {engine.blocks.block_size} tokens, "

@@ -405,6 +405,8 @@ def test_tokenizer_training_on_one_long_word_ends():
     spec = json.loads(bpe.to_str())["pre_tokenizer"]
     assert spec == json.loads(train_tokenizer(["b b"], vocab_size=300).to_str())["pre_tokenizer"]
     assert "{1," not in json.dumps(spec), "the saved tokenizer keeps Qwen3's own pre-tokenizer"
+
+
 def test_compile_gives_the_eager_loss_curve_and_names(stream, tmp_path):
     """TrainConfig.compile: the same losses, gradient norms and weights as eager after a few steps, the forward and
     loss really captured by Dynamo, and the checkpoint's parameter names unchanged (the model is not wrapped).

@@ -427,18 +427,20 @@ def test_num_blocks_priced_and_refused_before_the_pool_is_allocated(model, tok, 
 
 
 def test_thinking_budget_closes_the_thought_after_that_many_tokens(model, tok):
-    """A budget of B: after <think> (generated, or opening the prompt), the (B+1)-th token is a forced </think>;
+    """A budget of B through the engine's per-request token filter (chapter 18's ThinkingBudget): after <think>
+    (here opening the prompt) the model writes B tokens, then Qwen3's budget message, ending in </think>, is forced;
     the answer goes on after it. Without a budget nothing is forced."""
     from qwen3_scratch.scheduler import SamplingParams
+    from qwen3_scratch.thinking import BUDGET_MESSAGE, ThinkingBudget
     think, end = tok.think_id, tok.end_think_id
     prompt = tok.encode("Hello there") + [think]
+    message = tok.encode(BUDGET_MESSAGE)
     for budget in (0, 3):
         engine = build_engine(model, max_batch=2, max_model_len=64, block_size=8)
-        out, = engine.run([(prompt, SamplingParams(max_tokens=8, temperature=0, thinking_budget=budget,
-                                                   think_ids=(think, end)))])
-        assert out[budget] == end and end not in out[:budget] and len(out) == 8, (budget, out)
+        n = budget + len(message) + 2
+        out, = engine.run([(prompt, SamplingParams(max_tokens=n, temperature=0,
+                                                   token_filter=ThinkingBudget(tok, budget, prompt).next_token))])
+        assert out[budget:budget + len(message)] == message and end not in out[:budget] and len(out) == n, (budget, out)
     free, = build_engine(model, max_batch=2, max_model_len=64, block_size=8).run(
         [(prompt, SamplingParams(max_tokens=8, temperature=0))])
     assert end not in free, "no budget, nothing forced"
-    with pytest.raises(ValueError, match="thinking_budget"):
-        SamplingParams(thinking_budget=2)
