@@ -456,3 +456,23 @@ def test_adamw_is_fused_on_cpu_and_matches_the_default_loop():
         models.append(m)
     diffs = [(p - q).abs().max().item() for p, q in zip(models[0].parameters(), models[1].parameters())]
     assert max(diffs) < 1e-3 * cfg.lr, f"fused and looped AdamW differ by {max(diffs):.1e}"
+
+
+def test_teacher_checkpoint_matches_transformers_and_beats_the_shipped_model():
+    """Chapter 19's teacher (8 layers x 384, trained once by chapter 12's pretrain): transformers reads the folder and
+    computes the same logits; its metrics.json records a validation loss below the shipped model's and the bigram's."""
+    from transformers import AutoModelForCausalLM
+    from qwen3_scratch.weights import load_pretrained
+    folder = pretrain.TEACHER_MODEL
+    ours = load_pretrained(folder, dtype=torch.float32, device="cpu")
+    c = ours.config
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads) == (8, 384, 6, 3)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
+    ids = torch.tensor([Qwen3Tokenizer(folder).encode("KING.\nWhat news from France?")])
+    with torch.no_grad():
+        assert (ours(ids) - hf(ids).logits).abs().max() <= 1e-5
+    teacher = json.loads((folder / "metrics.json").read_text())
+    shipped = json.loads((pretrain.SHIPPED_MODEL / "metrics.json").read_text())
+    assert teacher["parameters"] == sum(p.numel() for p in ours.parameters())
+    assert teacher["val_bpc"] < shipped["val_bpc"] - 0.25 and teacher["val_loss"] < teacher["baselines"]["bigram"]["val_loss"]
+    assert not list(folder.glob("training_state*")), "the shipped teacher carries no optimizer state"
