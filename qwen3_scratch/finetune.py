@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from qwen3_scratch.generate import generate
+from qwen3_scratch.generate import generate, left_pad
 from qwen3_scratch.memory import check_memory, training_memory
 from qwen3_scratch.lora import ALL_LINEAR, LoRAConfig, apply_lora, merge_lora, save_adapter, trainable_parameters
 from qwen3_scratch.trainer import IGNORE_INDEX, make_optimizer, train, TrainConfig
@@ -199,11 +199,8 @@ def generate_replies(model, tokenizer: Qwen3Tokenizer, conversations, max_new_to
     for start in range(0, len(conversations), batch_size):
         prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, enable_thinking=enable_thinking,
                                                  tokenize=True) for c in conversations[start:start + batch_size]]
-        T = max(map(len, prompts))
-        ids = torch.full((len(prompts), T), tokenizer.pad_token_id, dtype=torch.long)  # (B, T), left-padded
-        mask = torch.zeros_like(ids)
-        for row, p in enumerate(prompts):
-            ids[row, T - len(p):], mask[row, T - len(p):] = torch.tensor(p), 1
+        ids, mask = left_pad(prompts, tokenizer.pad_token_id)  # (B, T) each
+        T = ids.shape[1]
         out = generate(model, ids.to(device), max_new_tokens, attention_mask=mask.to(device),
                        eos_token_id=tokenizer.stop_token_ids, pad_token_id=tokenizer.pad_token_id)  # (B, T + n)
         for row in out[:, T:].tolist():

@@ -5,7 +5,7 @@ temperature, top-k and top-p sampling; stop tokens; left-padded batches; streami
 keeps the history and separates Qwen3's <think> reasoning from the answer.
 Chapter 09 owns it. Legend: B batch, T prompt tokens, V vocab. Reference: transformers' GenerationMixin (greedy and sampling)."""
 
-__all__ = ['check_sampling_args', 'filter_top_k', 'filter_top_p', 'sample_next', 'check_generate_args', 'StopTokens', 'KV_BLOCK', 'stream_generate', 'generate', 'RECOMMENDED_SAMPLING', 'ChatReply', 'ThinkingSplitter', 'print_stream', 'ChatSession', 'chat']
+__all__ = ['check_sampling_args', 'filter_top_k', 'filter_top_p', 'sample_next', 'check_generate_args', 'StopTokens', 'KV_BLOCK', 'stream_generate', 'generate', 'left_pad', 'RECOMMENDED_SAMPLING', 'ChatReply', 'ThinkingSplitter', 'print_stream', 'ChatSession', 'chat']
 
 
 # %% notebooks/09_generation.ipynb
@@ -215,6 +215,20 @@ def generate(model, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_
     steps = stream_generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, use_cache,
                             attention_mask, generator, pad_token_id, token_filter)
     return torch.cat([input_ids] + [t[:, None] for t in steps], dim=1)
+
+
+# %% notebooks/09_generation.ipynb
+def left_pad(rows, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch from prompts of different lengths (sequences of token ids): (input_ids, attention_mask), both (B, T)
+    long, T the longest prompt, pads on the left with mask 0: what generate takes for a batch."""
+    if len(rows) == 0 or min(map(len, rows)) == 0:
+        raise ValueError("left_pad needs at least one prompt, and no prompt may be empty")
+    T = max(map(len, rows))
+    ids = torch.full((len(rows), T), pad_token_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros_like(ids)
+    for r, p in enumerate(rows):
+        ids[r, T - len(p):], mask[r, T - len(p):] = torch.as_tensor(list(p), dtype=torch.long), 1
+    return ids, mask
 
 
 # %% notebooks/09_generation.ipynb

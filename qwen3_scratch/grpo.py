@@ -11,12 +11,12 @@ __all__ = ['group_advantages', 'k3_kl', 'token_logprobs', 'grpo_loss', 'GRPOConf
 # %% notebooks/18_thinking.ipynb
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from qwen3_scratch.generate import generate
+from qwen3_scratch.generate import generate, left_pad
 from qwen3_scratch.trainer import TrainConfig, make_optimizer
 
 
@@ -124,11 +124,8 @@ def rollout(model, tokenizer, prompts, group_size: int, temperature: float, max_
     replies = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        T = max(map(len, chunk))
-        ids = torch.full((len(chunk), T), tokenizer.pad_token_id, dtype=torch.long)  # (B, T), left-padded
-        mask = torch.zeros_like(ids)
-        for r, p in enumerate(chunk):
-            ids[r, T - len(p):], mask[r, T - len(p):] = torch.tensor(p), 1
+        ids, mask = left_pad(chunk, tokenizer.pad_token_id)  # (B, T) each
+        T = ids.shape[1]
         limit = min(max_new_tokens, model.config.max_position_embeddings - T)
         out = generate(model, ids.to(device), limit, temperature=temperature, attention_mask=mask.to(device),
                        eos_token_id=tokenizer.stop_token_ids, pad_token_id=tokenizer.pad_token_id,

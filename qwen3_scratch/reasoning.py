@@ -22,7 +22,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 
 from qwen3_scratch.corpus import SPECIAL_TOKENS, qwen3_pretokenizer_regex, save_tokenizer
 from qwen3_scratch.finetune import encode_chat
-from qwen3_scratch.generate import generate
+from qwen3_scratch.generate import generate, left_pad
 from qwen3_scratch.thinking import BUDGET_MESSAGE, BudgetFilter, check_budget, split_reply
 from qwen3_scratch.tokenizer import byte_decoder
 from qwen3_scratch.trainer import IGNORE_INDEX
@@ -218,11 +218,8 @@ def complete(model, tokenizer, prompts, max_new_tokens: int = 512, thinking_budg
     out = []
     for start in range(0, len(prompts), batch_size):
         chunk = [list(p) for p in prompts[start:start + batch_size]]
-        T = max(map(len, chunk))
-        ids = torch.full((len(chunk), T), tokenizer.pad_token_id, dtype=torch.long)  # (B, T), left-padded
-        mask = torch.zeros_like(ids)
-        for r, p in enumerate(chunk):
-            ids[r, T - len(p):], mask[r, T - len(p):] = torch.tensor(p), 1
+        ids, mask = left_pad(chunk, tokenizer.pad_token_id)  # (B, T) each
+        T = ids.shape[1]
         limit = min(max_new_tokens, model.config.max_position_embeddings - T)
         token_filter = BudgetFilter(tokenizer, thinking_budget, chunk) if thinking_budget is not None else None
         seqs = generate(model, ids.to(device), limit, temperature=temperature, top_k=top_k, top_p=top_p,

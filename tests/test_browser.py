@@ -15,20 +15,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
-                  "--disable-background-networking", "--disable-component-update"]  # no calls out of this machine
-try:
-    from playwright.sync_api import sync_playwright
-except ImportError:
-    sync_playwright = None
+from browser import CHROMIUM, CHROMIUM_FLAGS, require_browser, sync_playwright
 
-if not (CHROMIUM and sync_playwright):
-    missing = "chromium (apt-get install chromium)" if not CHROMIUM else "playwright (pip install playwright)"
-    if os.environ.get("CI"):
-        raise RuntimeError(f"the browser test needs {missing}: .ci/run installs it")
-    pytest.skip(f"needs {missing}", allow_module_level=True)
+ROOT = Path(__file__).resolve().parent.parent
+require_browser("the browser test")
 
 
 def _free_port() -> int:

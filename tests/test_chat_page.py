@@ -5,31 +5,18 @@ writes is shown as text, never run as HTML (a reply is replaced by a crafted str
 into a folded box apart from the answer; the switches reach the request. Skipped where Chromium or Playwright is
 missing, except in CI (CI is set), where it must run."""
 import json
-import os
-import shutil
 import time
 
 import pytest
 import torch
 
+from browser import CHROMIUM, CHROMIUM_FLAGS, expect, require_browser, sync_playwright
 from qwen3_scratch.config import Qwen3Config
 from qwen3_scratch.model import Qwen3Model
 from qwen3_scratch.server import OpenAIServer, ServerThread, build_engine
 from qwen3_scratch.tokenizer import Qwen3Tokenizer
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
-                  "--disable-background-networking", "--disable-component-update"]  # no calls out of this machine
-try:
-    from playwright.sync_api import expect, sync_playwright
-except ImportError:
-    sync_playwright = None
-
-if not (CHROMIUM and sync_playwright):
-    missing = "chromium (apt-get install chromium)" if not CHROMIUM else "playwright (pip install playwright)"
-    if os.environ.get("CI"):
-        raise RuntimeError(f"the chat page test needs {missing}: .ci/run installs it")
-    pytest.skip(f"needs {missing}", allow_module_level=True)
+require_browser("the chat page test")
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 NAME = "workshop-tiny"

@@ -10,7 +10,7 @@ from qwen3_scratch.__main__ import main as cli_main
 from qwen3_scratch.corpus import save_tokenizer, train_tokenizer
 from qwen3_scratch.finetune import (ChatBatches, ChatDataError, encode_chat, encode_conversations, finetune, main,
                                     read_chat_jsonl, sft_config)
-from qwen3_scratch.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRAConfig, load_adapter, merge_lora
+from qwen3_scratch.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRAConfig, load_adapter
 from qwen3_scratch.trainer import IGNORE_INDEX
 from qwen3_scratch.pretrain import init_weights, tiny_config
 

@@ -7,9 +7,8 @@ import torch
 from hf_ref import tiny_hf_model
 from qwen3_scratch.config import Qwen3Config
 from qwen3_scratch.generate import (RECOMMENDED_SAMPLING, ChatSession, StopTokens, filter_top_k, filter_top_p,
-                                    generate, print_stream, sample_next, stream_generate)
-from qwen3_scratch.hf_port import from_transformers, state_dict_from_hf
-from qwen3_scratch.model import Qwen3Model
+                                    generate, left_pad, print_stream, sample_next, stream_generate)
+from qwen3_scratch.hf_port import from_transformers
 from qwen3_scratch.tokenizer import Qwen3Tokenizer
 
 
@@ -83,6 +82,14 @@ def test_left_padded_batch_equals_single_prompts_and_transformers(pair):
     assert torch.equal(out[1, 7:], generate(ours, b[None], 8)[0, 3:]), "padding must not change a row"
     assert torch.equal(out, hf_greedy(hf, batch, 8, attention_mask=mask))
     assert torch.equal(out, generate(ours, batch, 8, attention_mask=mask, use_cache=False))
+    built = left_pad([a.tolist(), b.tolist()], pad_token_id=0)
+    assert torch.equal(built[0], batch) and torch.equal(built[1], mask), "left_pad builds the same batch"
+
+
+@pytest.mark.parametrize("rows", [[], [[1, 2], []]])
+def test_left_pad_refuses_no_prompt_or_an_empty_one(rows):
+    with pytest.raises(ValueError, match="empty"):
+        left_pad(rows, pad_token_id=0)
 
 
 def test_use_cache_false_equals_true(pair):

@@ -1,6 +1,5 @@
 """Chapter 15: YaRN and sliding-window attention against transformers (fp32, random weights, dense and MoE),
 the rolling KV cache, chunked prefill, and the config keys that switch them on."""
-import dataclasses
 
 import pytest
 import torch

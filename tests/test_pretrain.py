@@ -106,7 +106,6 @@ def test_resume_is_bit_exact(stream, tmp_path):
 
 
 def test_activation_checkpointing_same_gradients_less_saved(stream):
-    cfg = TrainConfig(batch_size=2, seq_len=32)
     x, y = TokenBatches(stream, stream, 2, 32)("train", 0)
 
     def grads_and_saved(ckpt):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qwen3_scratch.reasoning import complete
-from qwen3_scratch.thinking import BUDGET_MESSAGE, BudgetFilter, ThinkingBudget, check_budget, split_reply
+from qwen3_scratch.thinking import BUDGET_MESSAGE, ThinkingBudget, check_budget
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import torch
 from hf_ref import tiny_kwargs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load_file, save_file
 
 import qwen3_scratch.checkpoint as checkpoint
 import qwen3_scratch.weights as weights
