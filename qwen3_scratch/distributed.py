@@ -5,7 +5,7 @@ them); the collectives and the bytes a ring moves; memory per device for each re
 References: PyTorch's torch.distributed docs; NCCL's performance notes (bus bandwidth); ZeRO (Rajbhandari et al.,
 2020) for the bytes per parameter."""
 
-__all__ = ['TORCHRUN_VARS', 'launched_by_torchrun', 'init_from_env', 'run_processes', 'whoami', 'fail_on_rank_1', 'all_gather', 'reduce_scatter', 'collectives_demo', 'RING_FACTOR', 'ring_bytes', 'time_all_reduce', 'RELEASED', 'TRAIN_BYTES_PER_PARAM', 'max_tp_degree', 'memory_rows', 'free_port', 'run_torchrun']
+__all__ = ['TORCHRUN_VARS', 'launched_by_torchrun', 'init_from_env', 'run_processes', 'whoami', 'fail_on_rank_1', 'all_gather', 'reduce_scatter', 'collectives_demo', 'RING_FACTOR', 'ring_bytes', 'time_all_reduce', 'RELEASED', 'TRAIN_BYTES_PER_PARAM', 'tp_degree_fits_heads', 'max_tp_degree', 'memory_rows', 'free_port', 'run_torchrun']
 
 
 # %% notebooks/16_distributed.ipynb
@@ -222,27 +222,37 @@ RELEASED = ("0.6B", "1.7B", "4B", "8B", "14B", "32B", "30B-A3B", "235B-A22B")
 TRAIN_BYTES_PER_PARAM = 2 + 2 + 4 + 4 + 4  # bf16 weights, bf16 grads, fp32 master weights, Adam m and v
 
 
+def tp_degree_fits_heads(H: int, K: int, tp: int) -> bool:
+    """Whole query heads per process (tp divides H), and either K/tp whole KV heads each (tp divides K) or one KV head
+    shared by tp/K processes (K divides tp; with H/tp <= H/K query heads, a process's heads are all in one group)."""
+    return H % tp == 0 and (K % tp == 0 or tp % K == 0)
+
+
 def max_tp_degree(cfg: Qwen3Config, limit: int) -> int:
-    """The largest tensor-parallel degree <= limit that divides both the query heads and the KV heads."""
+    """The largest tensor-parallel degree <= limit that splits the heads whole (tp_degree_fits_heads)."""
     return max(n for n in range(1, limit + 1)
-               if cfg.num_attention_heads % n == 0 and cfg.num_key_value_heads % n == 0)
+               if tp_degree_fits_heads(cfg.num_attention_heads, cfg.num_key_value_heads, n))
 
 
 def memory_rows(names=RELEASED, devices: int = 8, context: int = 32_768) -> list:
     """GiB per device for each released size: inference weights (bf16, int8; whole, and split by TP) and training
     state (mixed precision + Adam) under DDP, FSDP over `devices`, TP at the largest degree <= devices that the
-    heads allow. kv_cache: bf16 KV cache of one sequence of `context` tokens. Activations are not counted."""
+    heads allow (past K KV heads, each rank also holds a copy of its KV head's k/v projections: kv_copies ranks
+    share each one). kv_cache: bf16 KV cache of one sequence of `context` tokens. Activations are not counted."""
     gib, rows = 2**30, []
     for name in names:
         cfg = Qwen3Config.from_preset(name)
         n = config_param_counts(cfg)
         P, tp = n["total"], max_tp_degree(cfg, devices)
         kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2 * context  # K and V, bf16
-        rows.append(dict(model=name, params_b=P / 1e9, active_b=n["active"] / 1e9, tp=tp,
-                         infer_bf16=2 * P / gib, infer_int8=P / gib, infer_bf16_tp=2 * P / tp / gib,
+        copies = max(1, tp // cfg.num_key_value_heads)  # ranks that hold each KV head
+        kv_proj = 2 * cfg.num_hidden_layers * cfg.hidden_size * cfg.num_key_value_heads * cfg.head_dim  # k, v params
+        rows.append(dict(model=name, params_b=P / 1e9, active_b=n["active"] / 1e9, tp=tp, kv_copies=copies,
+                         infer_bf16=2 * P / gib, infer_int8=P / gib,
+                         infer_bf16_tp=2 * (P + (copies - 1) * kv_proj) / tp / gib,
                          kv_cache=kv / gib, train_ddp=TRAIN_BYTES_PER_PARAM * P / gib,
                          train_fsdp=TRAIN_BYTES_PER_PARAM * P / devices / gib,
-                         train_tp=TRAIN_BYTES_PER_PARAM * P / tp / gib))
+                         train_tp=TRAIN_BYTES_PER_PARAM * (P + (copies - 1) * kv_proj) / tp / gib))
     return rows
 
 

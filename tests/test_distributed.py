@@ -14,7 +14,7 @@ from qwen3_scratch import tensor_parallel as TP
 from qwen3_scratch.cli import main as cli_main
 from qwen3_scratch.config import Qwen3Config
 from qwen3_scratch.generate import generate
-from qwen3_scratch.tokenizer import Qwen3Tokenizer
+from qwen3_scratch.kv_cache import KVCache
 from qwen3_scratch.weights import save_pretrained
 
 DENSE = Qwen3Config(vocab_size=1001, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -79,27 +79,37 @@ def test_memory_rows_use_chapter_7_counts():
     r = rows["8B"]
     assert r["params_b"] == pytest.approx(8.19, abs=0.01) and r["tp"] == 8
     assert r["train_ddp"] == pytest.approx(8 * r["infer_bf16"]) and r["train_fsdp"] == pytest.approx(r["train_ddp"] / 8)
-    assert rows["30B-A3B"]["tp"] == 4 and rows["30B-A3B"]["active_b"] == pytest.approx(3.35, abs=0.05)
+    moe = rows["30B-A3B"]
+    assert moe["tp"] == 8 and moe["kv_copies"] == 2, "4 KV heads at TP 8: each replicated on 2 ranks"
+    assert moe["active_b"] == pytest.approx(3.35, abs=0.05)
+    assert moe["infer_bf16_tp"] > moe["infer_bf16"] / 8, "the replicated k/v projections are counted"
 
 
-@pytest.mark.parametrize("tp", [3, 4])
-def test_tp_degree_must_divide_heads_and_kv_heads(tp):
-    with pytest.raises(ValueError, match=rf"degree {tp} .*num_attention_heads \(4\) and num_key_value_heads \(2\)"):
+@pytest.mark.parametrize("tp", [3, 8])
+def test_tp_degree_must_divide_heads_and_divide_or_multiply_kv_heads(tp):
+    with pytest.raises(ValueError, match=rf"degree {tp} .*num_attention_heads \(4\) .*num_key_value_heads \(2\) "
+                                         r"or be a multiple of it.*choose one of \[1, 2, 4\]"):
         TP.check_tp_degree(DENSE, tp)
     TP.check_tp_degree(DENSE, 2)
+    TP.check_tp_degree(DENSE, 4)  # 2 KV heads, each replicated on 2 ranks
+    with pytest.raises(ValueError, match=r"degree 4 .*num_key_value_heads \(3\)"):  # 4 is no multiple of 3
+        TP.check_tp_degree(dataclasses.replace(DENSE, num_attention_heads=12, num_key_value_heads=3), 4)
     with pytest.raises(ValueError, match=r"num_experts \(3\)"):
         TP.check_tp_degree(dataclasses.replace(MOE, num_experts=3), 2)
 
 
-@pytest.mark.parametrize("cfg", [DENSE, MOE], ids=["dense", "moe"])
-def test_tensor_parallel_matches_one_process(cfg):
+@pytest.mark.parametrize("cfg, tp", [(DENSE, 2), (MOE, 2), (DENSE, 4)], ids=["dense", "moe", "dense-tp4-kv-replicated"])
+def test_tensor_parallel_matches_one_process(cfg, tp):
     ref = TP.random_model(cfg, seed=0)
     with torch.no_grad():
         logits = ref(torch.tensor(PROMPT))
     tokens = generate(ref, torch.tensor(PROMPT), 8)
-    for r in D.run_processes(TP.tp_generate_check, cfg, 0, PROMPT, 8, world_size=2):
+    cache = KVCache.for_model(ref, len(PROMPT), len(PROMPT[0]) + 8).nbytes()
+    for r in D.run_processes(TP.tp_generate_check, cfg, 0, PROMPT, 8, world_size=tp):
         torch.testing.assert_close(r["logits"], logits, rtol=1e-5, atol=1e-5)
         assert torch.equal(r["tokens"], tokens)
+        kv_heads = cfg.num_key_value_heads // tp or 1  # past K each rank holds one replicated KV head
+        assert r["cache_bytes"] * cfg.num_key_value_heads == cache * kv_heads
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +130,7 @@ def test_generate_tp_2_under_torchrun_prints_what_one_process_prints(tiny_checkp
 
 def test_generate_tp_refusals(tiny_checkpoint):
     argv = ["generate", "--model", tiny_checkpoint, "--prompt", "Hi", "--max-new-tokens", "2"]
-    for extra, expect in ((["--tp", "3"], "num_attention_heads (4) and num_key_value_heads (2)"),
+    for extra, expect in ((["--tp", "3"], "num_attention_heads (4) and either divide num_key_value_heads (2)"),
                           (["--tp", "2"], "torchrun --nproc_per_node 2"),
                           (["--tp", "2", "--prompt", "-"], "--prompt TEXT")):
         err = io.StringIO()
