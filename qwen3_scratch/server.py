@@ -4,7 +4,7 @@
 /v1/completions, /v1/chat/completions (streaming, usage, reasoning_content, thinking_budget), /health, a chat page
 at / (data/chat.html); `python -m qwen3_scratch serve --model DIR`. Reference: OpenAI's API; vLLM's server."""
 
-__all__ = ['TextStream', 'Generation', 'OpenAIServer', 'ServerThread', 'build_engine', 'build_parser', 'main']
+__all__ = ['TextStream', 'Generation', 'respond', 'event_stream', 'OpenAIServer', 'ServerThread', 'build_engine', 'build_parser', 'main']
 
 
 # %% notebooks/17_serving.ipynb
@@ -23,8 +23,8 @@ from starlette.concurrency import run_in_threadpool
 from qwen3_scratch.engine import AsyncEngine, LLMEngine, QueueFull
 from qwen3_scratch.generate import ThinkingSplitter
 from qwen3_scratch.memory import check_memory, kv_cache_bytes
-from qwen3_scratch.openai_protocol import (MAX_BODY_BYTES, APIError, ChatRequest, CompletionRequest, content_text,
-                                           parse_body, sse_event)
+from qwen3_scratch.openai_protocol import (MAX_BODY_BYTES, APIError, ChatRequest, CompletionRequest, check_request,
+                                           content_text, parse_body, sse_event, stop_strings)
 from qwen3_scratch.scheduler import SamplingParams
 from qwen3_scratch.tokenizer import StreamDecoder
 from qwen3_scratch.utils import package_dir
@@ -127,6 +127,57 @@ class Generation:
 
 
 # %% notebooks/17_serving.ipynb
+async def respond(req, gen: Generation, model_name: str, chat: bool):
+    """The answer to one request: a StreamingResponse of server-sent events, or the whole JSON body."""
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    head = dict(id=rid, object="chat.completion.chunk" if chat else "text_completion",
+                created=int(time.time()), model=model_name)
+    if req.stream:
+        return StreamingResponse(event_stream(req, gen, chat, head), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    parts = {"content": [], "reasoning": [], "text": []}
+    try:
+        async for channel, text in gen.pieces():
+            parts[channel].append(text)
+    except RuntimeError as e:
+        raise APIError(500, str(e), code="engine_error")
+    if chat:
+        reasoning = "".join(parts["reasoning"])
+        message = {"role": "assistant", "content": "".join(parts["content"]),
+                   "reasoning_content": reasoning or None}
+        choice = {"index": 0, "message": message, "finish_reason": gen.finish_reason, "logprobs": None}
+    else:
+        choice = {"index": 0, "text": "".join(parts["text"]), "finish_reason": gen.finish_reason,
+                  "logprobs": None}
+    return {**head, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
+            "usage": gen.usage()}
+
+
+async def event_stream(req, gen: Generation, chat: bool, head: dict):
+    """Server-sent events: one chunk per text delta, a last chunk with finish_reason, optionally a usage
+    chunk, then [DONE]."""
+    def chunk(delta=None, finish_reason=None):
+        if chat:
+            return sse_event({**head, "choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish_reason,
+                                              "logprobs": None}]})
+        return sse_event({**head, "choices": [{"index": 0, "text": (delta or {}).get("text", ""),
+                                          "finish_reason": finish_reason, "logprobs": None}]})
+
+    if chat:
+        yield chunk({"role": "assistant", "content": ""})
+    try:
+        async for channel, text in gen.pieces():
+            yield chunk({"reasoning_content" if channel == "reasoning" else channel: text})
+    except RuntimeError as e:
+        yield sse_event({"error": {"message": str(e), "type": "server_error", "param": None, "code": "engine_error"}})
+        return
+    yield chunk(finish_reason=gen.finish_reason)
+    if req.stream_options is not None and req.stream_options.include_usage:
+        yield sse_event({**head, "choices": [], "usage": gen.usage()})
+    yield "data: [DONE]\n\n"
+
+
+# %% notebooks/17_serving.ipynb
 class OpenAIServer:
     """The HTTP side: OpenAI's /v1/models, /v1/completions and /v1/chat/completions (+ /health) in front of an
     AsyncEngine. Checks every request before it reaches the engine; `app` is the FastAPI application. Bodies over
@@ -186,8 +237,8 @@ class OpenAIServer:
                     raise APIError(400, "prompt: token ids must be a non-empty list within the vocabulary",
                                    param="prompt", code="invalid_value")
             params = self._params(req, prompt_ids, req.max_tokens, "max_tokens", "prompt", default=16)
-            gen = Generation(self.engine, prompt_ids, params, TextStream(self.tokenizer, self._stops(req), chat=False))
-            return await self._respond(req, gen, chat=False)
+            gen = Generation(self.engine, prompt_ids, params, TextStream(self.tokenizer, stop_strings(req), chat=False))
+            return await respond(req, gen, self.model_name, chat=False)
 
         @app.post("/v1/chat/completions")
         async def chat_completions(request: Request):
@@ -227,100 +278,15 @@ class OpenAIServer:
                 from qwen3_scratch.thinking import ThinkingBudget
                 params.token_filter = ThinkingBudget(self.tokenizer, budget, prompt_ids).next_token
                 display = ThinkingBudget(self.tokenizer, budget, prompt_ids)
-            gen = Generation(self.engine, prompt_ids, params, TextStream(self.tokenizer, self._stops(req), chat=True),
+            gen = Generation(self.engine, prompt_ids, params, TextStream(self.tokenizer, stop_strings(req), chat=True),
                              display)
-            return await self._respond(req, gen, chat=True)
+            return await respond(req, gen, self.model_name, chat=True)
 
         return app
 
-    def _stops(self, req) -> list:
-        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        if len(stops) > 4 or not all(stops):
-            raise APIError(400, "stop: at most 4 non-empty strings", param="stop", code="invalid_value")
-        return stops
-
     def _params(self, req, prompt_ids, max_tokens, max_name, prompt_name, default) -> SamplingParams:
-        """Check the fields that pydantic's types cannot, in the order a client would fix them."""
-        if req.model != self.model_name:
-            raise APIError(404, f"model {req.model!r} does not exist; this server serves {self.model_name!r}",
-                           param="model", code="model_not_found")
-        if req.logprobs:
-            raise APIError(400, "logprobs are not supported by this server", param="logprobs", code="invalid_value")
-        if req.n not in (None, 1):
-            raise APIError(400, f"n: only n=1 is supported, got {req.n}", param="n", code="invalid_value")
-        temperature = 1.0 if req.temperature is None else req.temperature
-        if not 0 <= temperature <= 2:
-            raise APIError(400, f"temperature must be in [0, 2], got {temperature}", param="temperature",
-                           code="invalid_value")
-        if req.top_p is not None and not 0 < req.top_p <= 1:
-            raise APIError(400, f"top_p must be in (0, 1], got {req.top_p}", param="top_p", code="invalid_value")
-        top_k = None if req.top_k in (None, -1, 0) else req.top_k  # vLLM: -1 (or 0) = no top-k
-        if top_k is not None and top_k < 1:
-            raise APIError(400, f"top_k must be >= 1 (or -1: off), got {req.top_k}", param="top_k",
-                           code="invalid_value")
-        if req.seed is not None and not -2**63 <= req.seed < 2**64:
-            raise APIError(400, f"seed must fit in 64 bits, got {req.seed}", param="seed", code="invalid_value")
-        room = self.max_model_len - len(prompt_ids)
-        if room < 1:
-            raise APIError(400, f"{prompt_name}: {len(prompt_ids)} tokens leave no room in this model's context "
-                           f"of {self.max_model_len} tokens", param=prompt_name, code="context_length_exceeded")
-        if max_tokens is None:
-            max_tokens = room if default is None else min(default, room)
-        if max_tokens < 1:
-            raise APIError(400, f"{max_name} must be >= 1, got {max_tokens}", param=max_name, code="invalid_value")
-        if max_tokens > room:
-            raise APIError(400, f"{max_name}={max_tokens} is past the context: this model's maximum context length "
-                           f"is {self.max_model_len} tokens and the {prompt_name} take {len(prompt_ids)}; ask for "
-                           f"at most {room}", param=max_name, code="context_length_exceeded")
-        stop_ids = tuple(self.tokenizer.stop_token_ids)
-        return SamplingParams(max_tokens, temperature, top_k, req.top_p, req.seed, stop_ids)
-
-    async def _respond(self, req, gen: Generation, chat: bool):
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        head = dict(id=rid, object="chat.completion.chunk" if chat else "text_completion",
-                    created=int(time.time()), model=self.model_name)
-        if req.stream:
-            return StreamingResponse(self._stream(req, gen, chat, head), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        parts = {"content": [], "reasoning": [], "text": []}
-        try:
-            async for channel, text in gen.pieces():
-                parts[channel].append(text)
-        except RuntimeError as e:
-            raise APIError(500, str(e), code="engine_error")
-        if chat:
-            reasoning = "".join(parts["reasoning"])
-            message = {"role": "assistant", "content": "".join(parts["content"]),
-                       "reasoning_content": reasoning or None}
-            choice = {"index": 0, "message": message, "finish_reason": gen.finish_reason, "logprobs": None}
-        else:
-            choice = {"index": 0, "text": "".join(parts["text"]), "finish_reason": gen.finish_reason,
-                      "logprobs": None}
-        return {**head, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
-                "usage": gen.usage()}
-
-    async def _stream(self, req, gen: Generation, chat: bool, head: dict):
-        """Server-sent events: one chunk per text delta, a last chunk with finish_reason, optionally a usage
-        chunk, then [DONE]."""
-        def chunk(delta=None, finish_reason=None):
-            if chat:
-                return sse_event({**head, "choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish_reason,
-                                                  "logprobs": None}]})
-            return sse_event({**head, "choices": [{"index": 0, "text": (delta or {}).get("text", ""),
-                                              "finish_reason": finish_reason, "logprobs": None}]})
-
-        if chat:
-            yield chunk({"role": "assistant", "content": ""})
-        try:
-            async for channel, text in gen.pieces():
-                yield chunk({"reasoning_content" if channel == "reasoning" else channel: text})
-        except RuntimeError as e:
-            yield sse_event({"error": {"message": str(e), "type": "server_error", "param": None, "code": "engine_error"}})
-            return
-        yield chunk(finish_reason=gen.finish_reason)
-        if req.stream_options is not None and req.stream_options.include_usage:
-            yield sse_event({**head, "choices": [], "usage": gen.usage()})
-        yield "data: [DONE]\n\n"
+        return check_request(req, prompt_ids, max_tokens, max_name, prompt_name, default, model_name=self.model_name,
+                             max_model_len=self.max_model_len, stop_ids=self.tokenizer.stop_token_ids)
 
 
 # %% notebooks/17_serving.ipynb
