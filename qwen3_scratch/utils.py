@@ -5,7 +5,7 @@ go (the publish switch), which device to use, dtype names, what this machine sup
 really has (tied weights counted once), the one reader of JSON files, files written whole or not at all, and the
 checks of seeds and output folders."""
 
-__all__ = ['package_dir', 'repo_dir', 'figures_dir', 'results_dir', 'quick_run', 'publishing', 'runs_dir', 'output_dir', 'save_figure', 'default_device', 'device_name', 'cpu_model', 'DTYPE_CHOICES', 'parse_dtype', 'env_report', 'print_env', 'default_threads', 'count_module_params', 'read_json_object', 'write_atomically', 'write_text_atomically', 'publish_folder', 'MAX_SEED', 'check_seed', 'check_output_dir']
+__all__ = ['package_dir', 'repo_dir', 'repo_relative', 'command_line', 'figures_dir', 'results_dir', 'quick_run', 'publishing', 'runs_dir', 'output_dir', 'save_figure', 'default_device', 'device_name', 'cpu_model', 'DTYPE_CHOICES', 'parse_dtype', 'env_report', 'print_env', 'default_threads', 'count_module_params', 'read_json_object', 'write_atomically', 'write_text_atomically', 'publish_folder', 'MAX_SEED', 'check_seed', 'check_output_dir']
 
 
 # %% notebooks/00_setup.ipynb
@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -34,6 +35,25 @@ def repo_dir() -> Path | None:
     None (an installed package)."""
     root = package_dir().resolve().parent
     return root if (root / "figures").is_dir() else None
+
+
+def repo_relative(path) -> str:
+    """`path` relative to the repository's root when it lies inside the checkout, else as given: what results/
+    records, so that a committed file names no folder of the machine that wrote it."""
+    root, full = repo_dir(), Path(path).resolve()
+    return full.relative_to(root).as_posix() if root is not None and full.is_relative_to(root) else str(path)
+
+
+def command_line(argv=None) -> str:
+    """The running command as a user types it (`python -m qwen3_scratch ...` for the package's entry point), with
+    absolute paths inside the checkout made relative (repo_relative): the `command` a results/ file records."""
+    argv = [str(a) for a in (sys.argv if argv is None else argv)]
+    if not argv:
+        return ""
+    main = Path(argv[0])
+    entry = main.name == "__main__.py" and main.parent.name == "qwen3_scratch"
+    head = "python -m qwen3_scratch" if entry else repo_relative(argv[0])
+    return " ".join([head] + [repo_relative(a) if os.path.isabs(a) else a for a in argv[1:]])
 
 
 def figures_dir() -> Path:

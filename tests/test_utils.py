@@ -213,3 +213,15 @@ def test_quick_run_follows_the_environment(monkeypatch):
     assert qwen3_scratch.utils.quick_run()
     monkeypatch.setenv("QWEN3_SCRATCH_QUICK", "0")
     assert not qwen3_scratch.utils.quick_run()
+
+
+def test_results_record_commands_and_paths_without_this_machines_folders():
+    from qwen3_scratch.utils import command_line, repo_dir, repo_relative
+    root = repo_dir()
+    assert root is not None, "the tests run from a checkout"
+    assert repo_relative(root / "results" / "x.json") == "results/x.json"
+    assert repo_relative("/somewhere/else") == "/somewhere/else"
+    main = root / "qwen3_scratch" / "__main__.py"
+    assert command_line([str(main), "spec-bench", "--out", str(root / "results"), "--k", "3"]) == \
+        "python -m qwen3_scratch spec-bench --out results --k 3"
+    assert command_line([str(root / "tools" / "nb.py"), "check"]) == "tools/nb.py check"

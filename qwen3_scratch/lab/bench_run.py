@@ -30,7 +30,7 @@ from qwen3_scratch.lab.bench import (attention_variants, bandwidth_sizes, bench_
                                      measure_kv_cache_bytes, measure_read_bandwidth, random_model, result_row,
                                      roofline_bandwidth, roofline_seconds, shape_str, spread, thread_rows,
                                      time_samples, weight_bytes_per_token)
-from qwen3_scratch.utils import DTYPE_CHOICES, default_device, default_threads, device_name, parse_dtype
+from qwen3_scratch.utils import DTYPE_CHOICES, command_line, default_device, default_threads, device_name, parse_dtype
 
 
 # %% notebooks/11_benchmarks.ipynb
@@ -159,7 +159,7 @@ def bench_meta(cfg, device, dtype, settings, compile, checkpoint) -> dict:
             "bandwidth_method": "best of several timed sums over an fp32 buffer at 1/4..4x the weight bytes; the "
                                 "roofline uses the size nearest the weights",
             "compile": compile, "settings": dataclasses.asdict(settings),
-            "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv)}
+            "date": datetime.date.today().isoformat(), "command": command_line()}
 
 
 # %% notebooks/11_benchmarks.ipynb

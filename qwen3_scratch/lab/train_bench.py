@@ -15,7 +15,6 @@ import dataclasses
 import datetime
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from qwen3_scratch.lab.bench import result_row, spread, synchronize, time_sample
 from qwen3_scratch.model import Qwen3Model
 from qwen3_scratch.pretrain import init_weights, tiny_config
 from qwen3_scratch.trainer import TrainConfig, flops_per_token, lr_at, make_optimizer, param_groups, train_step
-from qwen3_scratch.utils import default_device, device_name, write_text_atomically
+from qwen3_scratch.utils import command_line, default_device, device_name, write_text_atomically
 
 TRAIN_SHAPES = {"shipped": (4, 256, 4, 256), "8x384": (8, 384, 8, 256), "tiny": (1, 64, 2, 32)}  # L, D, B, T
 
@@ -305,7 +304,7 @@ def train_bench_meta(device, settings, variants, backend, seconds) -> dict:
                     "forward and loss under torch.compile; random weights (init_weights, seed 0), one fixed batch; "
                     "SDPA attention on both sides",
             "floor": "weight-matmul FLOPs (6 N per token) / the measured rate of the LM head's matmul",
-            "seconds": round(seconds, 1), "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv)}
+            "seconds": round(seconds, 1), "date": datetime.date.today().isoformat(), "command": command_line()}
 
 
 def write_train_bench(results: dict, out_dir) -> Path:
