@@ -101,3 +101,36 @@ def test_distill_cli(tiny_teacher, tmp_path, capsys, one_thread):
     save_pretrained(Qwen3Model(other), tmp_path / "small_vocab")
     assert distill_cli.main([*args, "--student", str(tmp_path / "small_vocab"), "--out", str(tmp_path / "t")]) == 2
     assert "vocabulary (512) differs from the teacher's (4096)" in capsys.readouterr().err
+
+
+def test_shipped_students_load_in_transformers_and_the_taught_ones_beat_scratch(one_thread):
+    """Chapter 19's full run ships three 4 x 192 students: transformers reads each folder and computes the same
+    logits; their metrics.json name the shipped teacher and one token budget; on every seed the distilled and the
+    pruned students beat the scratch one; and the distilled student's validation loss is that of its file."""
+    from transformers import AutoModelForCausalLM
+    from qwen3_scratch.pretrain import TEACHER_MODEL, TokenBatches
+    from qwen3_scratch.tokenizer import Qwen3Tokenizer
+    from qwen3_scratch.trainer import evaluate
+    from qwen3_scratch.utils import package_dir
+    from qwen3_scratch.weights import load_pretrained
+    root, metrics, models = package_dir().resolve().parent, {}, {}
+    for name in distill_lab.SHIPPED_KINDS:
+        folder = package_dir() / "data" / "students" / name
+        ours = models[name] = load_pretrained(folder, dtype=torch.float32, device="cpu")
+        c = ours.config
+        assert (c.num_hidden_layers, c.hidden_size, c.num_key_value_heads) == (4, 192, 1), name
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
+        ids = torch.tensor([Qwen3Tokenizer(folder).encode("KING.\nWhat news from France?")])
+        with torch.no_grad():
+            assert (ours(ids) - hf(ids).logits).abs().max() <= 1e-5, name
+        m = metrics[name] = json.loads((folder / "metrics.json").read_text())
+        assert (root / m["teacher"]).resolve() == TEACHER_MODEL.resolve(), name
+        assert not list(folder.glob("training_state*")), name
+    assert len({m["train_tokens"] for m in metrics.values()}) == 1, "one token budget for every student"
+    for name in ("distilled", "pruned"):
+        assert metrics[name]["seeds"]["vs_scratch"]["max"] < 0, f"{name} must beat scratch on every seed"
+        assert metrics[name]["val_loss"] < metrics["scratch"]["val_loss"], name
+    data = distill_lab.load_data(Qwen3Tokenizer(TEACHER_MODEL))
+    val = TokenBatches(data["train"], data["val"], 8, metrics["distilled"]["settings"]["seq_len"])
+    loss, _ = evaluate(models["distilled"], val.eval_batches(None))
+    assert abs(loss - metrics["distilled"]["val_loss"]) < 1e-4, (loss, metrics["distilled"]["val_loss"])

@@ -30,7 +30,8 @@ from qwen3_scratch.kv_cache import KVCache
 from qwen3_scratch.pretrain import TEACHER_MODEL
 from qwen3_scratch.speculative import SpecStats, check_tokenizers, speculative_generate
 from qwen3_scratch.tokenizer import Qwen3Tokenizer
-from qwen3_scratch.utils import default_device, default_threads, device_name, package_dir, parse_dtype
+from qwen3_scratch.utils import (command_line, default_device, default_threads, device_name, package_dir, parse_dtype,
+                                 repo_relative)
 from qwen3_scratch.weights import load_pretrained
 
 TEACHER_DIR = TEACHER_MODEL  # chapter 12's larger Shakespeare model, chapter 19's teacher
@@ -238,9 +239,9 @@ def run_spec_bench(settings: SpecBenchSettings, target=TEACHER_DIR, drafts=None,
     sizes = {name: sum(p.numel() for p in m.parameters()) for name, m in [("target", target_model), *draft_models.items()]}
     meta = {"device": str(device), "device_name": device_name(device), "dtype": str(dtype).removeprefix("torch."),
             "torch": torch.__version__, "python": platform.python_version(), "cpu_threads": torch.get_num_threads(),
-            "target": str(target), "drafts": {n: str(p) for n, p in (drafts or STUDENT_DIRS).items()},
+            "target": repo_relative(target), "drafts": {n: repo_relative(p) for n, p in (drafts or STUDENT_DIRS).items()},
             "parameters": sizes, "settings": dataclasses.asdict(settings), "date": datetime.date.today().isoformat(),
-            "command": " ".join(sys.argv)}
+            "command": command_line()}
     return {"meta": meta, "acceptance": acceptance, "costs": costs, "speed": speed}
 
 

@@ -31,7 +31,7 @@ from qwen3_scratch.pretrain import (bits_per_char, encode_documents, init_weight
 from qwen3_scratch.trainer import evaluate, make_optimizer
 from qwen3_scratch.prune import half_config, prune
 from qwen3_scratch.tokenizer import Qwen3Tokenizer
-from qwen3_scratch.utils import default_device, device_name, package_dir
+from qwen3_scratch.utils import default_device, device_name, package_dir, repo_relative
 from qwen3_scratch.weights import load_pretrained, save_pretrained
 
 TEACHER_DIR = TEACHER_MODEL  # chapter 12's teacher (8 layers x 384); quick runs use chapter 12's small model
@@ -70,7 +70,7 @@ SETTINGS = {  # quick: CI and the notebook under QWEN3_SCRATCH_QUICK (chapter 12
     "quick": LabSettings(tokens=100 * 8 * 128, seeds=(0,), batch_size=8, seq_len=128, lr=6e-3,
                          eval_every=25, eval_tokens=4096, final_val_tokens=16_384, calib_windows=8, sample_prompts=4,
                          prompt_tokens=64, teacher="shipped"),
-    "full": LabSettings(tokens=327_680),  # 320 steps of 4 x 256; the whole run about 40 minutes (see --plan)
+    "full": LabSettings(tokens=655_360),  # 640 steps of 4 x 256; the whole run about 35 minutes on 2 cores (--plan)
 }
 
 
@@ -117,7 +117,7 @@ def run(s: LabSettings, device=None, log=print, data: dict | None = None) -> dic
     calib = [(x[None].to(device), y[None].to(device)) for x, y in
              ((w[:-1], w[1:]) for w in windows.window(calib_ids))]
     res = {"settings": dataclasses.asdict(s), "train_tokens": s.steps * s.batch_size * s.seq_len,
-           "teacher_dir": _repo_relative(tdir), "device": device_name(device), "torch": torch.__version__,
+           "teacher_dir": repo_relative(tdir), "device": device_name(device), "torch": torch.__version__,
            "teacher_config": teacher.config.to_hf(), "student_config": s_cfg.to_hf()}
     t_loss, n_val = full_val(teacher)
     res["teacher"] = {"val_loss": t_loss, "val_bpc": bpc(t_loss, n_val), "curve_loss": quick_val(teacher),
@@ -213,12 +213,6 @@ def side_by_side(teacher, models: dict, tok: Qwen3Tokenizer, device, prompt: str
         seq = generate(m.eval(), ids, n, temperature=0.8, top_k=40, generator=g)
         out[name] = tok.decode(seq[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
     return {"prompt": prompt, "texts": out}
-
-
-def _repo_relative(path: Path) -> str:
-    root = package_dir().resolve().parent
-    path = Path(path).resolve()
-    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
 
 
 # %% notebooks/19_distillation.ipynb
@@ -342,7 +336,7 @@ def main(argv=None) -> int:
     import argparse
     p = argparse.ArgumentParser(prog="python -m qwen3_scratch distill-lab", description=main.__doc__)
     p.add_argument("--quick", action="store_true", help="CI's tiny run: chapter 12's model teaches 2 x 128 students")
-    p.add_argument("--teacher", default=None, help=f"teacher checkpoint folder (default {_repo_relative(TEACHER_DIR)})")
+    p.add_argument("--teacher", default=None, help=f"teacher checkpoint folder (default {repo_relative(TEACHER_DIR)})")
     p.add_argument("--tokens", type=int, default=None, help="training tokens per student (default: the settings')")
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--out", default="distill_out", help="folder for the results, figures and students/")
