@@ -332,6 +332,7 @@ def plot_train_bench(results):
         ax.bar_label(bars, [f"{speed[n]:.2f}x" if n in speed else "" for n in names], padding=2)
         ax.set_xticks(range(len(tps)), [n.replace(": ", "\n").replace(" + ", "\n") for n in names], fontsize=8)
         ax.set(title=shape, ylabel="training tokens/s (median, IQR)")
+        ax.set_ylim(top=1.15 * max(r["q3"] for r in tps))  # room for the labels above the whiskers
     fig.suptitle(f"one training step (x: vs transformers eager + fused AdamW)\n{meta['device_name']}, fp32, "
                  f"{meta['cpu_threads']} thread(s)", fontsize=10)
     fig.tight_layout()
