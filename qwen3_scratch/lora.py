@@ -5,7 +5,7 @@ into chosen layers by name, merged into the weights and back out, and saved/load
 (adapter_config.json + adapter_model.safetensors). References: Hu et al. 2021, "LoRA: Low-Rank Adaptation of
 Large Language Models"; PEFT's LoraLayer and LoraConfig. Shapes: B batch, T tokens, in/out the layer's widths."""
 
-__all__ = ['LoRALinear', 'ALL_LINEAR', 'LoRAConfig', 'apply_lora', 'trainable_parameters', 'merge_lora', 'unmerge_lora', 'adapter_key', 'adapter_config_dict', 'save_adapter', 'read_adapter_config', 'load_adapter']
+__all__ = ['is_linear', 'float_weight', 'LoRALinear', 'ALL_LINEAR', 'LoRAConfig', 'apply_lora', 'trainable_parameters', 'merge_lora', 'unmerge_lora', 'adapter_key', 'adapter_config_dict', 'save_adapter', 'read_adapter_config', 'load_adapter']
 
 
 # %% notebooks/13_finetuning.ipynb
@@ -25,16 +25,32 @@ from qwen3_scratch.checkpoint import CheckpointError, check_tensors, checkpoint_
 
 
 # %% notebooks/13_finetuning.ipynb
+def is_linear(module) -> bool:
+    """An nn.Linear, or a layer that stands in for one: integer in_features and out_features, (..., in) -> (..., out).
+    Chapter 14's QuantLinear (int8/int4 weights) is such a layer; LoRA on it is QLoRA."""
+    return isinstance(module, nn.Linear) or (
+        isinstance(module, nn.Module) and not isinstance(module, LoRALinear)
+        and all(isinstance(getattr(module, a, None), int) for a in ("in_features", "out_features")))
+
+
+def float_weight(layer) -> torch.Tensor | None:
+    """The layer's float weight (out, in), or None when it stores its weight otherwise (quantized: no merging)."""
+    weight = getattr(layer, "weight", None)
+    return weight if isinstance(weight, torch.Tensor) and weight.is_floating_point() else None
+
+
 class LoRALinear(nn.Module):
     """y = base_layer(x) + (alpha / r) · lora_B(lora_A(dropout(x))), with base_layer frozen.
     lora_A (r, in) starts like an nn.Linear weight (Kaiming-uniform), lora_B (out, r) at zero, so the adapted layer
-    starts equal to the base. merge() folds the update into base_layer.weight; unmerge() takes it back out."""
+    starts equal to the base. merge() folds the update into base_layer.weight; unmerge() takes it back out.
+    The base may be any linear-like layer (is_linear); merging needs a float weight."""
 
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
                  use_rslora: bool = False, adapter_dtype: torch.dtype | None = None):
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base_layer).__name__}")
+        if not is_linear(base_layer):
+            raise TypeError(f"LoRALinear wraps an nn.Linear (or a layer with in_features and out_features), "
+                            f"got {type(base_layer).__name__}")
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
         if not 0 <= dropout < 1:
@@ -42,10 +58,12 @@ class LoRALinear(nn.Module):
         self.base_layer = base_layer
         self.r, self.alpha = r, alpha
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        weight = base_layer.weight
+        weight = float_weight(base_layer)
+        device = (weight if weight is not None else next(base_layer.buffers())).device
         if adapter_dtype is None:  # low-precision bases keep an fp32 adapter: bf16 would round small updates away
-            adapter_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-        opts = dict(bias=False, device=weight.device, dtype=adapter_dtype)
+            adapter_dtype = torch.float32 if weight is None or weight.dtype in (torch.float16, torch.bfloat16) \
+                else weight.dtype
+        opts = dict(bias=False, device=device, dtype=adapter_dtype)
         self.lora_A = nn.Linear(base_layer.in_features, r, **opts)  # weight (r, in)
         self.lora_B = nn.Linear(r, base_layer.out_features, **opts)  # weight (out, r)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -68,11 +86,18 @@ class LoRALinear(nn.Module):
         """ΔW = (alpha / r) · B A, shape (out, in): what merge() adds to the frozen weight."""
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # (out, r) @ (r, in)
 
+    def _weight_to_merge(self) -> torch.Tensor:
+        weight = float_weight(self.base_layer)
+        if weight is None:
+            raise TypeError(f"cannot merge into a {type(self.base_layer).__name__}: its weight is not stored in float "
+                            "(quantized). Keep the adapter beside it, or put it on the float model and merge there")
+        return weight
+
     @torch.no_grad()
     def merge(self):
         if self.merged:
             raise RuntimeError("this LoRA layer is already merged")
-        weight = self.base_layer.weight
+        weight = self._weight_to_merge()
         weight += self.delta_weight().to(weight.dtype)
         self.merged = True
 
@@ -80,7 +105,7 @@ class LoRALinear(nn.Module):
     def unmerge(self):
         if not self.merged:
             raise RuntimeError("this LoRA layer is not merged")
-        weight = self.base_layer.weight
+        weight = self._weight_to_merge()
         weight -= self.delta_weight().to(weight.dtype)
         self.merged = False
 
@@ -127,16 +152,15 @@ def _lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def _targets(model: nn.Module, config: LoRAConfig) -> list[str]:
-    """Names (ours) of the nn.Linear layers that config adapts; errors say what the model has instead."""
+    """Names (ours) of the linear layers that config adapts; errors say what the model has instead."""
     linear = {name: m for name, m in model.named_modules()
-              if isinstance(m, nn.Linear) and ".lora_" not in name and not name.endswith(".base_layer")}
+              if is_linear(m) and ".lora_" not in name and not name.endswith(".base_layer")}
     found = [n for n in linear if config.matches(checkpoint_name(n))]
     if not found:
         kinds = sorted({n.rsplit(".", 1)[-1] for n in linear})
         raise ValueError(f"target_modules {config.target_modules!r} matches no linear layer of the model; "
                          f"its linear layers are called: {', '.join(kinds)}")
-    tied = getattr(model, "lm_head", None) is not None and getattr(model, "embed_tokens", None) is not None \
-        and model.lm_head.weight is model.embed_tokens.weight
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     if tied and "lm_head" in found:
         raise ValueError("lm_head is tied to embed_tokens (one matrix): LoRA on it is not supported; "
                          "leave lm_head out of target_modules")
@@ -161,10 +185,22 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
 
 
 # %% notebooks/13_finetuning.ipynb
+def _weights_in_buffers(model: nn.Module) -> int:
+    """How many weights a quantized model (chapter 14) stores as buffers, not parameters: each linear layer without
+    a float weight, and such an embedding unless it is the head's matrix (tied)."""
+    n = sum(m.in_features * m.out_features for m in model.modules() if is_linear(m) and float_weight(m) is None)
+    emb = getattr(model, "embed_tokens", None)
+    if emb is not None and float_weight(emb) is None \
+            and not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        n += emb.num_embeddings * emb.embedding_dim
+    return n
+
+
 def trainable_parameters(model: nn.Module) -> dict:
-    """{'trainable', 'total', 'fraction'}: parameters that get gradients, and all of them (shared ones once)."""
+    """{'trainable', 'total', 'fraction'}: parameters that get gradients, and all of them (shared ones once;
+    a quantized base's frozen weights count although they are buffers)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = count_module_params(model)
+    total = count_module_params(model) + _weights_in_buffers(model)
     return dict(trainable=trainable, total=total, fraction=trainable / total)
 
 
@@ -175,6 +211,9 @@ def merge_lora(model: nn.Module, unload: bool = True) -> nn.Module:
     layers = _lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers to merge")
+    for layer in layers.values():  # all or nothing: a quantized base refuses before any layer changes
+        if not layer.merged:
+            layer._weight_to_merge()
     for name, layer in layers.items():
         if not layer.merged:
             layer.merge()

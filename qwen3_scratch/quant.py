@@ -5,7 +5,7 @@ every linear layer and the embedding, a dequantize-on-the-fly linear, PyTorch's 
 AWQ-style activation-aware scaling, and a safetensors checkpoint. Legend: N out features, K in features, G group
 size, V vocab, D hidden. References: gpt-fast's quantize.py; Lin et al. 2023, "AWQ"; torchao's weight-only configs."""
 
-__all__ = ['SCHEMES', 'GROUP_SIZES', 'QUANT_METHOD', 'quantize_int8', 'dequantize_int8', 'pack_int4', 'unpack_int4', 'quantize_int4', 'dequantize_int4', 'kernel_available', 'QuantLinear', 'QuantEmbedding', 'check_scheme', 'quantize_model', 'use_kernels', 'kernel_report', 'kernels_off', 'model_bytes', 'kernel_bytes', 'save_quantized', 'load_quantized']
+__all__ = ['SCHEMES', 'GROUP_SIZES', 'QUANT_METHOD', 'quantize_int8', 'dequantize_int8', 'pack_int4', 'unpack_int4', 'quantize_int4', 'dequantize_int4', 'kernel_available', 'QuantLinear', 'QuantEmbedding', 'check_scheme', 'quantize_model', 'use_kernels', 'kernel_report', 'kernels_off', 'model_bytes', 'kernel_bytes', 'dequantize_model', 'save_quantized', 'load_quantized']
 
 
 # %% notebooks/14_quantization.ipynb
@@ -115,6 +115,21 @@ def kernel_available(bits: int) -> bool:
 
 
 # %% notebooks/14_quantization.ipynb
+class _KernelProduct(torch.autograd.Function):
+    """y = x Ŵᵀ by the fused kernel, which has no backward of its own. The weight is frozen (buffers), so only x
+    needs a gradient: dL/dx = dL/dy · Ŵ, with Ŵ dequantized for that one product and dropped again. That is
+    how QLoRA trains adapters on a 4-bit model: the stored bytes never change, the gradient flows through them."""
+
+    @staticmethod
+    def forward(ctx, x2, layer):  # (M, K) -> (M, N)
+        ctx.layer = layer
+        return layer.kernel_product(x2)
+
+    @staticmethod
+    def backward(ctx, grad):  # (M, N) -> (M, K), and nothing for the layer
+        return grad @ ctx.layer.dequantize(grad.dtype), None
+
+
 class QuantLinear(nn.Module):
     """A bias-free linear layer whose weight is stored quantized (buffers, never parameters): int8 `qweight` (N, K)
     + `scale` (N,), or int4 `qweight` uint8 (N, K/2) + `scale`, `zero` (N, K/G). Optional `pre_scale` (K,) multiplies
@@ -177,14 +192,15 @@ class QuantLinear(nn.Module):
         if self.use_kernel and x.device.type == "cpu":
             self.last_path = f"{_KERNELS[self.bits]} ({str(self.compute_dtype).removeprefix('torch.')})"
             x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)  # (M, K)
-            if self.bits == 8:
-                y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self._kernel_scales)
-            else:
-                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self._kernel_weight, self.group_size,
-                                                               self._kernel_scales)
+            y = _KernelProduct.apply(x2, self)  # (M, N), with a backward for x (QLoRA, section 9)
             return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         self.last_path = "dequantize + F.linear"
         return F.linear(x, self.dequantize(x.dtype))
+
+    def kernel_product(self, x2: torch.Tensor) -> torch.Tensor:  # (M, K) in compute_dtype -> (M, N)
+        if self.bits == 8:
+            return torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self._kernel_scales)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self._kernel_weight, self.group_size, self._kernel_scales)
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.bits == 4 else ""
@@ -309,6 +325,34 @@ def kernel_bytes(model: nn.Module) -> int:
     """Extra bytes held by the int4 kernel's own packing (made by enable_kernel, never saved)."""
     return sum(m._kernel_weight.nbytes for m in model.modules()
                if isinstance(m, QuantLinear) and m._kernel_weight is not None)
+
+
+# %% notebooks/14_quantization.ipynb
+@torch.no_grad()
+def dequantize_model(model: Qwen3Model) -> Qwen3Model:
+    """The inverse of quantize_model, in place: every QuantLinear becomes an nn.Linear holding the weight its bytes
+    stand for (times the AWQ pre_scale, if any: W x = (W / s)(s x)), the embedding a float one (tied again when it
+    shared the head's bytes). Not the original weights: the rounding stays. For exporting a quantized model, or to
+    merge LoRA adapters trained on it (QLoRA, section 9). Returns model."""
+    if not getattr(model, "quantization", None):
+        raise ValueError("the model is not quantized")
+    dtype = model.embed_tokens.dtype
+    for name, m in list(model.named_modules()):
+        if isinstance(m, QuantLinear):
+            w = m.dequantize(torch.float32)
+            if m.pre_scale is not None:
+                w = w * m.pre_scale  # column k of W / s, times s_k
+            linear = nn.Linear(m.in_features, m.out_features, bias=False, device=w.device, dtype=dtype)
+            linear.weight.copy_(w)
+            _set_module(model, name, linear)
+    emb = model.embed_tokens
+    model.embed_tokens = nn.Embedding(emb.num_embeddings, emb.embedding_dim, device=emb.qweight.device, dtype=dtype)
+    if model.config.tie_word_embeddings:
+        model.embed_tokens.weight = model.lm_head.weight  # one matrix again
+    else:
+        model.embed_tokens.weight.copy_(emb(torch.arange(emb.num_embeddings, device=emb.qweight.device)))
+    del model.quantization
+    return model
 
 
 # %% notebooks/14_quantization.ipynb
