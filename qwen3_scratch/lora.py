@@ -151,6 +151,12 @@ def _lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+def _tied(model: nn.Module) -> bool:
+    """Does the model's config say that lm_head and embed_tokens are one matrix? (Asked of the config, not of the
+    tensors: a quantized model shares buffers, not a `weight`.)"""
+    return getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+
+
 def _targets(model: nn.Module, config: LoRAConfig) -> list[str]:
     """Names (ours) of the linear layers that config adapts; errors say what the model has instead."""
     linear = {name: m for name, m in model.named_modules()
@@ -160,8 +166,7 @@ def _targets(model: nn.Module, config: LoRAConfig) -> list[str]:
         kinds = sorted({n.rsplit(".", 1)[-1] for n in linear})
         raise ValueError(f"target_modules {config.target_modules!r} matches no linear layer of the model; "
                          f"its linear layers are called: {', '.join(kinds)}")
-    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
-    if tied and "lm_head" in found:
+    if _tied(model) and "lm_head" in found:
         raise ValueError("lm_head is tied to embed_tokens (one matrix): LoRA on it is not supported; "
                          "leave lm_head out of target_modules")
     return found
@@ -190,8 +195,7 @@ def _weights_in_buffers(model: nn.Module) -> int:
     a float weight, and such an embedding unless it is the head's matrix (tied)."""
     n = sum(m.in_features * m.out_features for m in model.modules() if is_linear(m) and float_weight(m) is None)
     emb = getattr(model, "embed_tokens", None)
-    if emb is not None and float_weight(emb) is None \
-            and not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+    if emb is not None and float_weight(emb) is None and not _tied(model):
         n += emb.num_embeddings * emb.embedding_dim
     return n
 

@@ -192,7 +192,7 @@ class QuantLinear(nn.Module):
         if self.use_kernel and x.device.type == "cpu":
             self.last_path = f"{_KERNELS[self.bits]} ({str(self.compute_dtype).removeprefix('torch.')})"
             x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)  # (M, K)
-            y = _KernelProduct.apply(x2, self)  # (M, N), with a backward for x (QLoRA, section 9)
+            y = _KernelProduct.apply(x2, self)  # (M, N), with a backward for x (QLoRA, section 11)
             return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         self.last_path = "dequantize + F.linear"
         return F.linear(x, self.dequantize(x.dtype))
@@ -333,7 +333,7 @@ def dequantize_model(model: Qwen3Model) -> Qwen3Model:
     """The inverse of quantize_model, in place: every QuantLinear becomes an nn.Linear holding the weight its bytes
     stand for (times the AWQ pre_scale, if any: W x = (W / s)(s x)), the embedding a float one (tied again when it
     shared the head's bytes). Not the original weights: the rounding stays. For exporting a quantized model, or to
-    merge LoRA adapters trained on it (QLoRA, section 9). Returns model."""
+    merge LoRA adapters trained on it (QLoRA, section 11). Returns model."""
     if not getattr(model, "quantization", None):
         raise ValueError("the model is not quantized")
     dtype = model.embed_tokens.dtype

@@ -1,4 +1,4 @@
-"""QLoRA (chapter 14, section 9): chapter 13's LoRA on chapter 14's quantized layers. The kernels get a backward,
+"""QLoRA (chapter 14, section 11): chapter 13's LoRA on chapter 14's quantized layers. The kernels get a backward,
 the adapters train while the stored bytes stay put, the adapter is PEFT's (it loads on transformers' Qwen3 holding
 the dequantized weights, same logits), and merging refuses a quantized base until dequantize_model."""
 import warnings
