@@ -123,21 +123,21 @@ def transformers_check(folder, problem_sets, budgets=(0,), modes=(True, False), 
 @dataclass
 class LabConfig:
     """Every knob of the chapter's run: the defaults are the full settings, quick() the CI-sized run."""
-    hidden_size: int = 128
+    hidden_size: int = 192
     layers: int = 4
     sft_problems: int = 4000  # the cold start: a small set of traced problems ...
     sft_steps: int = 1000  # ... trained until the format is learned, well short of mastery
     sft_lr: float = 5e-3
     batch_size: int = 16
-    grpo: GRPOConfig = field(default_factory=lambda: GRPOConfig(steps=100, lr=1e-4))
+    grpo: GRPOConfig = field(default_factory=lambda: GRPOConfig(steps=40, lr=1e-4))
     fusion_thinking: int = 3000  # problems offered to rejection sampling
-    fusion_plain: int = 3000  # problems answered without thinking
-    fusion_cut: float = 0.1  # share of the verified thinking cut by the budget's message at a random length
+    fusion_plain: int = 300  # problems answered without thinking
+    fusion_cut: float = 0.05  # share of the verified thinking cut by the budget's message at a random length
     fusion_steps: int = 800
-    fusion_lr: float = 1e-3
+    fusion_lr: float = 2e-4
     eval_seeds: tuple = (1, 2, 3)
-    eval_per_op: int = 100  # problems per operation and seed
-    scaling_problems: int = 100
+    eval_per_op: int = 50  # problems per operation and seed
+    scaling_problems: int = 20
     scaling_k: int = 16
     budgets: tuple = (0, 16, 32, 48, 64, 96, 128, 192)
     seed: int = 0
