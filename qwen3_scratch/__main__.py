@@ -56,7 +56,10 @@ def exit_now_if_torchrun_worker(status: int) -> None:
     the atexit handlers, tearing down can still abort it ("terminate called without an active exception", exit
     status -6, so torchrun reports a failed run that had finished and written everything). Seen in 4 of 162 runs of
     chapter 16's FSDP `train` on a loaded 2-core CPU; os._exit skips that teardown once the output is flushed."""
-    if all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):  # what torchrun sets in its workers
+    if "torch" not in sys.modules:  # no torch, no process group: nothing to skip (and `--help` stays light)
+        return
+    from qwen3_scratch.distributed import launched_by_torchrun
+    if launched_by_torchrun():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)

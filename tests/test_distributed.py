@@ -245,7 +245,7 @@ def test_a_torchrun_worker_ends_without_the_interpreters_teardown(tmp_path):
     script = ("import atexit, sys; from qwen3_scratch.__main__ import exit_now_if_torchrun_worker as leave\n"
               "atexit.register(lambda: print('teardown ran', flush=True))\n"
               "sys.stdout.write('buffered output'); leave(3); sys.exit(5)\n")
-    worker = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}
+    worker = dict(zip(D.TORCHRUN_VARS, ("1", "2", "1", "127.0.0.1", "29500")))  # what torchrun sets
     for extra, status, teardown in [(worker, 3, False), ({}, 5, True)]:
         env = {k: v for k, v in os.environ.items() if k not in worker} | extra
         res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
